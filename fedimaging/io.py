@@ -1,0 +1,91 @@
+"""Atomic file output: a reader never sees a half-written file.
+
+Every file fedimaging writes goes through these helpers: the content is written to a
+temporary file in the destination folder, flushed and fsynced, then renamed over the
+target (``os.replace`` is atomic on POSIX within one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    The caller writes the file (with any library) to the yielded path. On an exception the
+    temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``target`` atomically; ``mode`` sets permissions (e.g. 0o600)."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+        if mode is not None:
+            os.chmod(tmp, mode)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    """Write UTF-8 ``text`` to ``target`` atomically."""
+    atomic_write_bytes(target, text.encode("utf-8"), mode=mode)
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any, mode: int | None = None) -> None:
+    """Write ``obj`` as indented JSON (keys in insertion order) atomically."""
+    atomic_write_text(target, json.dumps(obj, indent=2, allow_nan=False) + "\n", mode=mode)
+
+
+def append_line_durably(target: str | os.PathLike, line: str) -> None:
+    """Append one line (JSONL) and fsync, so a crash loses at most the line being written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a whole folder in a temporary sibling and rename it to ``target`` at the end.
+
+    If ``target`` appears meanwhile (another process built it first), the new copy is
+    discarded and the existing one kept: first writer wins, nobody sees a partial folder.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
