@@ -113,6 +113,8 @@ class FedImagingFedAvg(FedAvg):
         self._evaluate_config: ConfigRecord = ConfigRecord()
         self._timeout = settings.round_timeout_s
         self.num_rounds = settings.num_rounds
+        # Called with (round, that round's metrics.jsonl records) after each round (console table).
+        self.on_round_end: Callable[[int, list[dict[str, Any]]], None] | None = None
 
     # ------------------------------------------------------------------------------------
     # Hooks for the variants (each variant overrides one of these)
@@ -429,6 +431,8 @@ class FedImagingFedAvg(FedAvg):
         self._pending_evaluate = None
         self.after_round(rnd)
         self.save_server_state(rnd)
+        if self.on_round_end is not None:
+            self.on_round_end(rnd, [r for r in self.run_dir.read_metrics() if int(r.get("round", -1)) == rnd])
         return res
 
     def after_round(self, server_round: int) -> None:

@@ -100,7 +100,8 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
     scores: dict[tuple[str, str], float | None] = {}
     site_names: set[str] = set()
     for name in sorted(models, key=lambda m: (m != "global", m)):
-        cfg = ConfigRecord({"server-round": server_round, "cross-site": True, "model": name})
+        cfg = ConfigRecord({**dict(strategy._evaluate_config), "server-round": server_round,
+                            "cross-site": True, "model": name})
         content = RecordDict({"arrays": to_record(models[name]), "config": cfg})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         batches = [(False, msgs)]

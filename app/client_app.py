@@ -1,0 +1,183 @@
+"""ClientApp: translates Flower messages into task calls at one site. Nothing else.
+
+What leaves the site is chosen here, by parameter name: the model's shared arrays, numeric
+metrics, the site's public name and, for SCAFFOLD, the change of its control variate. No
+file path, case name or image value is ever put into a reply; dataset errors are logged in
+full at the site and reported to the server only as a generic reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app.site_state import SiteStateStore
+from data_prep.demo import UNSEEN_SITE, ensure_demo_site
+from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
+from tasks import LocalTrainingOptions, Task, get_task
+from tasks.data import SiteDataCache
+
+log = logging.getLogger("fedimaging.site")
+app = ClientApp()
+
+# Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
+_SITE_DATA = SiteDataCache(max_sites=8)
+_TASKS: dict[tuple, Task] = {}
+
+
+class SiteDataError(RuntimeError):
+    """Raised (and sent to the server) without any path or case detail."""
+
+
+@dataclass
+class SiteRuntime:
+    run: RunConfig
+    site: SiteConfig
+    task: Task
+
+
+def _configure_threads(run: RunConfig) -> None:
+    threads = run.torch_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _runtime(context: Context) -> SiteRuntime:
+    run = parse_run_config(context.run_config)
+    site = parse_site_config(context.node_config, run)
+    _configure_threads(run)
+    settings = run.task_settings()
+    key = (run.task, settings)
+    if key not in _TASKS:
+        _TASKS[key] = get_task(run.task, settings)
+    return SiteRuntime(run, site, _TASKS[key])
+
+
+def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
+    """The site's dataset (or, in simulation, the demo's evaluation-only unseen site)."""
+    try:
+        if which == "unseen":
+            if not rt.site.is_demo:
+                raise SiteDataError("this site has no unseen evaluation dataset")
+            path = ensure_demo_site(rt.run.demo_root_path, UNSEEN_SITE, rt.run.seed, rt.run.task, rt.run.demo_size)
+        elif rt.site.is_demo:
+            path = ensure_demo_site(rt.run.demo_root_path, rt.site.site_name, rt.run.seed, rt.run.task, rt.run.demo_size)
+        else:
+            path = rt.site.data_path
+        return load_site_dataset(path, require_training=which != "unseen")
+    except DatasetError as exc:
+        log.error("Site dataset is not valid: %s", exc)
+        raise SiteDataError(
+            "site dataset is not valid; the site's log names the file (fix it, e.g. re-run 'fedimaging prep')"
+        ) from None
+
+
+def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
+    return _SITE_DATA.get((str(dataset.root), rt.run.task, rt.task.settings), lambda: rt.task.prepare_site(dataset))
+
+
+def _round_seed(run: RunConfig, site: str, server_round: int, purpose: str) -> int:
+    digest = hashlib.sha256(f"{run.seed}:{site}:{server_round}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _load_global(model: torch.nn.Module, arrays: ArrayRecord, local: dict[str, torch.Tensor] | None) -> None:
+    """Global arrays into the model; site-local (FedBN) layers from the site's own state."""
+    state = arrays.to_torch_state_dict()
+    if local:
+        state.update(local)
+    # strict=False: under FedBN the server never sends site-local layers; until the site has
+    # saved its own (first round) they keep their initial values, identical at every site.
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}")
+
+
+def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
+    return ConfigRecord({"site-name": rt.site.site_name, **extra})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training on the site's own cases."""
+    rt = _runtime(context)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    run_key = str(config.get("run-key", f"run-{context.run_id}"))
+    store = SiteStateStore(rt.site.state_dir, run_key)
+    baseline = bool(config.get("local-baseline", False))
+    dataset = _dataset(rt)
+    site_data = _site_data(rt, dataset)
+
+    model = rt.task.build_model()
+    shared = msg.content["arrays"]
+    local_names = set(model.state_dict()) - set(shared.keys())
+    local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
+    _load_global(model, shared, local_state)
+
+    options = LocalTrainingOptions(
+        epochs=int(config.get("local-epochs", rt.run.local_epochs)),
+        lr=float(config.get("lr", rt.run.lr)),
+        seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    if "scaffold-c" in msg.content and not baseline:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        server_c = {k: v for k, v in msg.content["scaffold-c"].to_torch_state_dict().items() if k in trainable}
+        options.scaffold_server = server_c
+        options.scaffold_site = store.load_before("scaffold", server_round)
+
+    result = rt.task.train(model, site_data, options)
+    state = model.state_dict()
+    if local_names and not baseline:
+        store.save("fedbn", server_round, {k: state[k] for k in local_names})
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord({k: state[k] for k in shared.keys()}),
+            "metrics": MetricRecord(
+                {"num-examples": result.num_examples, "loss": result.loss, "train-steps": result.steps,
+                 "train-seconds": result.seconds, **result.extra}
+            ),
+            "site": _site_record(rt),
+        }
+    )
+    if result.scaffold_delta is not None:
+        site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
+        store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
+        reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
+    rt = _runtime(context)
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
+    dataset = _dataset(rt, which)
+    site_data = _site_data(rt, dataset)
+    model = rt.task.build_model()
+    shared = msg.content["arrays"]
+    local_names = set(model.state_dict()) - set(shared.keys())
+    run_key = str(config.get("run-key", f"run-{context.run_id}"))
+    # FedBN: a site evaluates with its own normalisation layers (latest saved).
+    local_state = SiteStateStore(rt.site.state_dir, run_key).load_before("fedbn", server_round + 1) if local_names else None
+    _load_global(model, shared, local_state)
+    metrics = rt.task.evaluate(model, site_data, "test")
+    clean = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+    reply = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": int(metrics.get("num-examples", 0)), **clean}),
+            "site": _site_record(rt, **({"eval-dataset": "unseen"} if which == "unseen" else {})),
+        }
+    )
+    return Message(content=reply, reply_to=msg)

@@ -1,0 +1,283 @@
+"""Run and site configuration, parsed once at the edge into frozen dataclasses.
+
+Run settings come from ``run_config`` (pyproject ``[tool.flwr.app.config]`` plus
+``--run-config`` overrides), site settings from ``node_config`` (``--node-config`` of a
+SuperNode, or ``partition-id`` in simulation). Tasks and strategies never see a Flower
+``Context``. Every key is documented in the README; an unknown or malformed value raises
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_root
+from tasks.base import TaskSettings
+
+TASKS = ("segmentation", "classification")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
+
+
+class ConfigError(ValueError):
+    """A run or site setting is missing or malformed; the message names the key."""
+
+
+def _floats(key: str, value: Any, n: int | None = None) -> tuple[float, ...]:
+    try:
+        parts = tuple(float(v) for v in str(value).split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"run config '{key}': expected comma-separated numbers, got {value!r}") from exc
+    if n is not None and len(parts) == 1:
+        parts = parts * n
+    if n is not None and len(parts) != n:
+        raise ConfigError(f"run config '{key}': expected {n} numbers, got {value!r}")
+    return parts
+
+
+def _ints(key: str, value: Any, n: int | None = None) -> tuple[int, ...]:
+    values = _floats(key, value, n)
+    if any(v != int(v) or v <= 0 for v in values):
+        raise ConfigError(f"run config '{key}': expected positive integers, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"run config '{key}': expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved run configuration (what ``run_config.json`` records)."""
+
+    task: str = "segmentation"
+    strategy: str = "fedavg"
+    num_server_rounds: int = 12
+    local_epochs: int = 2
+    batch_size: int = TaskSettings.batch_size
+    lr: float = TaskSettings.lr
+    optimizer: str = TaskSettings.optimizer
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_available_sites: int = 3
+    min_train_sites: int = 1
+    min_evaluate_sites: int = 1
+    seed: int = 42
+    run_name: str = ""
+    run_dir: str = ""
+    resume_from: str = ""
+    home: str = ""
+    proximal_mu: float = 0.0
+    server_lr: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_fraction: float = 0.2
+    max_update_norm: float = 0.0
+    relative_update_norm: float = 0.0
+    update_norm_action: str = "reject"
+    cross_site_every: int = 0
+    local_baselines: bool = False
+    dp_required: bool = False
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    demo_sites: int = 3
+    demo_size: str = "standard"
+    demo_root: str = ""
+    data_path_template: str = ""
+    state_root: str = ""
+    round_timeout_s: float = 86400.0
+    best_metric: str = ""
+    cross_site: bool = True
+    torch_threads: int = 0
+    spacing: tuple[float, float, float] = TaskSettings.spacing
+    roi_size: tuple[int, int, int] = TaskSettings.roi_size
+    crops_per_case: int = TaskSettings.crops_per_case
+    channels: tuple[int, ...] = TaskSettings.channels
+    num_res_units: int = TaskSettings.num_res_units
+    ct_window: tuple[float, float] = TaskSettings.ct_window
+    cache_max_mb: int = TaskSettings.cache_max_mb
+
+    @property
+    def home_path(self) -> Path:
+        return fedimaging_home(self.home or None)
+
+    @property
+    def demo_root_path(self) -> Path:
+        return Path(self.demo_root).expanduser().resolve() if self.demo_root else demo_root(self.home or None)
+
+    @property
+    def state_root_path(self) -> Path:
+        return Path(self.state_root).expanduser().resolve() if self.state_root else site_state_root(self.home or None)
+
+    def run_dir_path(self, default_name: str) -> Path:
+        """Absolute run directory: ``run-dir``, else ``<home>/runs/<run-name or default_name>``."""
+        if self.run_dir:
+            return Path(self.run_dir).expanduser().resolve()
+        return runs_root(self.home or None) / (self.run_name or default_name)
+
+    @property
+    def uses_demo(self) -> bool:
+        return not self.data_path_template
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings(
+            spacing=self.spacing,
+            roi_size=self.roi_size,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            crops_per_case=self.crops_per_case,
+            ct_window=self.ct_window,
+            channels=self.channels,
+            num_res_units=self.num_res_units,
+            cache_max_mb=self.cache_max_mb,
+            dp_compatible=self.dp_epsilon > 0 or self.dp_required,
+            seed=self.seed,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Kebab-case keys as in the run config, lists as lists."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_LIST_PARSERS = {
+    "spacing": lambda k, v: _floats(k, v, 3),
+    "roi_size": lambda k, v: _ints(k, v, 3),
+    "channels": lambda k, v: _ints(k, v),
+    "ct_window": lambda k, v: _floats(k, v, 2),
+}
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Turn Flower's ``run_config`` into a :class:`RunConfig`, validating every value."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"unknown run config key '{key}' (see README 'Run configuration')")
+        default = fields[name].default
+        try:
+            if name in _LIST_PARSERS:
+                values[name] = _LIST_PARSERS[name](key, value)
+            elif isinstance(default, bool):
+                values[name] = _bool(key, value)
+            elif isinstance(default, int):
+                if float(value) != int(float(value)):
+                    raise ValueError
+                values[name] = int(float(value))
+            elif isinstance(default, float):
+                values[name] = float(value)
+            else:
+                values[name] = str(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"run config '{key}': cannot use {value!r} as {type(default).__name__}") from exc
+    config = RunConfig(**values)
+    _validate(config)
+    return config
+
+
+def _validate(c: RunConfig) -> None:
+    checks = [
+        (c.task in TASKS, "task", f"one of {TASKS}"),
+        (c.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}"),
+        (c.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
+        (c.local_epochs >= 1, "local-epochs", ">= 1"),
+        (c.batch_size >= 1, "batch-size", ">= 1"),
+        (c.lr > 0, "lr", "> 0"),
+        (c.optimizer in ("adam", "sgd"), "optimizer", "'adam' or 'sgd'"),
+        (0 < c.fraction_train <= 1, "fraction-train", "in (0, 1]"),
+        (0 <= c.fraction_evaluate <= 1, "fraction-evaluate", "in [0, 1]"),
+        (c.min_available_sites >= 1, "min-available-sites", ">= 1"),
+        (c.proximal_mu >= 0, "proximal-mu", ">= 0"),
+        (0 <= c.trim_fraction < 0.5, "trim-fraction", "in [0, 0.5)"),
+        (c.update_norm_action in ("reject", "clip"), "update-norm-action", "'reject' or 'clip'"),
+        (c.demo_size in ("standard", "small"), "demo-size", "'standard' or 'small'"),
+        (1 <= c.demo_sites <= 3, "demo-sites", "between 1 and 3"),
+        (c.dp_epsilon >= 0, "dp-epsilon", ">= 0 (0 = no DP)"),
+        (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
+        (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",
+         "letters, digits, '.', '_' and '-' only"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"run config '{key}' must be {expected}, got {getattr(c, key.replace('-', '_'))!r}")
+    if c.data_path_template and "{site}" not in c.data_path_template and "{partition}" not in c.data_path_template:
+        raise ConfigError("run config 'data-path-template' must contain '{site}' or '{partition}'")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's settings (``node_config``); simulation fills them from the run config."""
+
+    data_path: Path | None
+    site_name: str
+    state_dir: Path
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    is_demo: bool = False
+
+
+def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+    """Deployed: ``data-path`` (required) etc. Simulation: site chosen by ``partition-id``."""
+    def number(key: str, default: float) -> float:
+        try:
+            return float(node_config.get(key, default))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node config '{key}': expected a number, got {node_config.get(key)!r}") from exc
+
+    dp = dict(
+        dp_epsilon=number("dp-epsilon", run.dp_epsilon),
+        dp_delta=number("dp-delta", run.dp_delta),
+        dp_max_grad_norm=number("dp-max-grad-norm", run.dp_max_grad_norm),
+    )
+    if "data-path" in node_config:
+        data_path = Path(str(node_config["data-path"])).expanduser()
+        site_name = str(node_config.get("site-name") or data_path.name)
+        state = node_config.get("state-dir") or (data_path / "private" / "state")
+        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), **dp)
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
+            "start the SuperNode with --node-config \"data-path='/path/to/site-dataset' site-name='...'\""
+        )
+    partition = int(node_config["partition-id"])
+    from data_prep.demo import demo_site_names  # local import: only simulation needs it
+
+    if run.uses_demo:
+        names = demo_site_names(run.demo_sites)
+        if partition >= len(names):
+            raise ConfigError(
+                f"simulation has more SuperNodes than demo sites ({len(names)}): run with "
+                f"--federation-config \"num-supernodes={len(names)}\" or set demo-sites"
+            )
+        site = names[partition]
+        return SiteConfig(None, site, run.state_root_path / site, is_demo=True, **dp)
+    site = f"site-{partition}"
+    path = Path(run.data_path_template.format(site=site, partition=partition)).expanduser()
+    return SiteConfig(path, site, run.state_root_path / site, **dp)
+
+
+def _safe_site(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise ConfigError(f"node config 'site-name' {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    return name

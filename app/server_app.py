@@ -1,0 +1,163 @@
+"""ServerApp: parse the run config, build the initial model and strategy, run, report.
+
+Flower imports this from its installed app bundle and runs it in the local SuperLink's
+working folder, so every path is made absolute (``RunConfig.run_dir_path``) and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from app.config import RunConfig, parse_run_config
+from strategies import RunDirectory, StrategySettings, build_strategy
+from tasks import get_task
+
+log = logging.getLogger("fedimaging.server")
+app = ServerApp()
+
+NODE_WAIT_SECONDS = 60.0
+
+
+def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> StrategySettings:
+    """The strategies' view of the run config."""
+    return StrategySettings(
+        name=run.strategy,
+        num_rounds=run.num_server_rounds,
+        fraction_train=run.fraction_train,
+        fraction_evaluate=run.fraction_evaluate,
+        min_available_sites=min_sites,
+        min_train_sites=min(run.min_train_sites, min_sites),
+        min_evaluate_sites=min(run.min_evaluate_sites, min_sites),
+        seed=run.seed,
+        local_epochs=run.local_epochs,
+        lr=run.lr,
+        proximal_mu=run.proximal_mu,
+        server_lr=run.server_lr,
+        beta_1=run.beta_1,
+        beta_2=run.beta_2,
+        tau=run.tau,
+        trim_fraction=run.trim_fraction,
+        max_update_norm=run.max_update_norm,
+        relative_update_norm=run.relative_update_norm,
+        update_norm_action=run.update_norm_action,
+        best_metric=run.best_metric or best_metric,
+        round_timeout_s=run.round_timeout_s,
+        resume_from=run.resume_from,
+        cross_site=run.cross_site,
+        cross_site_every=run.cross_site_every,
+        local_baselines=run.local_baselines,
+        unseen_site=run.uses_demo and run.cross_site,
+    )
+
+
+def _wait_for_sites(grid: Grid, run: RunConfig, needed: int) -> None:
+    """Fail fast with advice when a simulation has fewer SuperNodes than demo sites."""
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while len(list(grid.get_node_ids())) < needed:
+        if run.uses_demo and time.monotonic() > deadline:
+            have = len(list(grid.get_node_ids()))
+            raise RuntimeError(
+                f"the demo federation needs {needed} sites but only {have} SuperNode(s) joined; run "
+                f"'flwr run . --stream --federation-config \"num-supernodes={run.demo_sites}\"' "
+                f"or set --run-config 'demo-sites={have}'"
+            )
+        time.sleep(1.0)
+
+
+def _run_name(run: RunConfig, context: Context) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{run.task}-{run.strategy}-{context.run_id}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated study described by the run config."""
+    run = parse_run_config(context.run_config)
+    if run.resume_from and not run.run_dir:
+        run_dir = Path(run.resume_from).expanduser().resolve()
+    else:
+        run_dir = run.run_dir_path(_run_name(run, context))
+    print(f"Run directory: {run_dir}", flush=True)
+    torch.set_num_threads(max(1, run.torch_threads or torch.get_num_threads()))
+
+    task = get_task(run.task, run.task_settings())
+    model = task.build_model()
+    local_names = task.local_param_names(model)
+    directory = RunDirectory(run_dir)
+    directory.write_run_config(
+        {
+            **run.to_json(),
+            "_environment": {
+                "flwr": flwr.__version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "python-prefix": sys.prefix,
+                "run-id": int(context.run_id),
+            },
+        }
+    )
+    min_sites = run.demo_sites if run.uses_demo else run.min_available_sites
+    _wait_for_sites(grid, run, min_sites)
+    settings = strategy_settings(run, task.best_metric, min_sites)
+    strategy = build_strategy(settings, directory, local_names)
+    strategy.on_round_end = _console_printer(settings.best_metric)
+    run_key = run_dir.name
+    common = {"run-key": run_key}
+    strategy.run(
+        grid,
+        ArrayRecord(model.state_dict()),
+        train_config=ConfigRecord({**common, "local-epochs": run.local_epochs, "lr": run.lr}),
+        evaluate_config=ConfigRecord(common),
+    )
+    _print_final(directory, settings.best_metric)
+    try:
+        from app.report import write_report
+    except ImportError:  # report module not installed in this build
+        write_report = None
+    if write_report is not None:
+        report = write_report(run_dir)
+        print(f"Report: {report}", flush=True)
+    print(f"Run directory: {run_dir}", flush=True)
+
+
+def _console_printer(metric: str):
+    """One line per round: round, sites, loss, metric, epsilon, seconds (DESIGN 3.5 numbers)."""
+    try:
+        from app.console import format_header, format_round_row
+    except ImportError:
+        format_header = format_round_row = None
+    state = {"header": False}
+
+    def on_round_end(server_round: int, records: list[dict]) -> None:
+        if format_round_row is None:
+            print(f"[round {server_round}] " + json.dumps(records[-1].get("aggregate", {})), flush=True)
+            return
+        if not state["header"]:
+            print(format_header(metric), flush=True)
+            state["header"] = True
+        print(format_round_row(server_round, records, metric), flush=True)
+
+    return on_round_end
+
+
+def _print_final(directory: RunDirectory, metric: str) -> None:
+    evaluations = [r for r in directory.read_metrics() if r.get("phase") == "evaluate" and r.get("aggregate")]
+    if not evaluations:
+        print("No evaluation results were reported.", flush=True)
+        return
+    last = evaluations[-1]
+    value = last["aggregate"].get(metric)
+    sites = ", ".join(f"{s}={m.get(metric, float('nan')):.3f}" for s, m in sorted(last.get("sites", {}).items())
+                      if isinstance(m.get(metric), (int, float)))
+    print(f"Final global model (round {last['round']}): mean {metric} over the sites' test cases = "
+          f"{value:.3f} ({sites})", flush=True)

@@ -1,0 +1,103 @@
+"""Match NIfTI label maps to series and check that each label fits its image voxel for voxel.
+
+A label is matched by a mapping file in the labels folder (``mapping.json``:
+``{"file.nii.gz": "<SeriesInstanceUID>"}``, or ``mapping.csv`` with columns
+``file,series_uid``) or by the SeriesInstanceUID inside the file name. A label saved in
+another axis order (e.g. by another converter) is reoriented onto the image's voxel grid;
+a label whose grid still differs from the image is rejected with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+
+from data_prep.site_dataset import AFFINE_TOLERANCE_MM
+
+UID_RE = re.compile(r"\d+(?:\.\d+){3,}")
+LABEL_SUFFIXES = (".nii.gz", ".nii")
+
+
+class LabelError(Exception):
+    """A label map cannot be used with its image; ``reason`` is a report code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _label_files(labels_dir: Path) -> list[Path]:
+    return sorted(p for p in labels_dir.rglob("*") if p.is_file() and p.name.endswith(LABEL_SUFFIXES))
+
+
+def _read_mapping(labels_dir: Path) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    js = labels_dir / "mapping.json"
+    if js.is_file():
+        data = json.loads(js.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{js}: expected an object {{label file: SeriesInstanceUID}}")
+        mapping.update({str(k): str(v) for k, v in data.items()})
+    cs = labels_dir / "mapping.csv"
+    if cs.is_file():
+        with open(cs, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if "file" not in row or "series_uid" not in row:
+                    raise ValueError(f"{cs}: needs columns 'file' and 'series_uid'")
+                mapping[row["file"].strip()] = row["series_uid"].strip()
+    return mapping
+
+
+def match_labels(labels_dir: str | Path, series_uids: set[str]) -> tuple[dict[str, Path], list[str]]:
+    """Map SeriesInstanceUID -> label file; also return names of label files matching nothing."""
+    labels_dir = Path(labels_dir)
+    mapping = _read_mapping(labels_dir)
+    matched: dict[str, Path] = {}
+    unmatched: list[str] = []
+    for path in _label_files(labels_dir):
+        rel = str(path.relative_to(labels_dir))
+        uid = mapping.get(rel) or mapping.get(path.name)
+        if uid is None:
+            found = [u for u in UID_RE.findall(path.name) if u in series_uids]
+            uid = found[0] if found else None
+        if uid is None or uid not in series_uids:
+            unmatched.append(rel)
+            continue
+        matched[uid] = path
+    return matched, unmatched
+
+
+def conform_label(path: str | Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Label voxels on the image grid (``affine``, ``shape``), or raise :class:`LabelError`."""
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise LabelError("label_unreadable", type(exc).__name__) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise LabelError("label_not_3d", f"label has shape {data.shape}")
+    src = ornt.io_orientation(img.affine)
+    dst = ornt.io_orientation(affine)
+    transform = ornt.ornt_transform(src, dst)
+    data = ornt.apply_orientation(data, transform)
+    lab_affine = img.affine @ ornt.inv_ornt_aff(transform, img.shape[:3])
+    if tuple(data.shape) != tuple(shape[:3]):
+        raise LabelError("label_shape_mismatch", f"label {tuple(data.shape)} vs image {tuple(shape[:3])}")
+    diff = float(np.abs(lab_affine - affine).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        raise LabelError("label_geometry_mismatch", f"affines differ by up to {diff:.4g} mm")
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise LabelError("label_not_integer", "label map holds non-integer values")
+    if data.size and data.min() < 0:
+        raise LabelError("label_negative", "label map holds negative values")
+    top = int(data.max()) if data.size else 0
+    return data.astype(np.uint8 if top < 256 else np.int16)

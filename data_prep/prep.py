@@ -1,0 +1,395 @@
+"""Orchestrate DICOM tree -> site dataset (DESIGN 3.4): scan, group, convert, write manifests.
+
+``prepare_site`` is the Python entry point (the CLI and the demo generator call it). Inputs are
+only read. Every output is written atomically; the private state (``private/state.json``)
+remembers each series' content hash so a re-run converts only what changed. Conversion of
+series runs in worker processes; a failure in one series is caught and reported for that
+series alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from data_prep import deid
+from data_prep.fingerprint import build_fingerprint, case_stats
+from data_prep.geometry import GeometryError, GeometryOptions, plan_volume
+from data_prep.labels import LabelError, conform_label, match_labels
+from data_prep.nifti_writer import write_nifti
+from data_prep.pixels import PixelError, read_volume
+from data_prep.report import build_report, summary_table
+from data_prep.scan import scan_tree
+from data_prep.series import SeriesGroup, group_series
+from data_prep.site_dataset import FILE_ENDING, write_dataset_json
+from fedimaging.io import atomic_write_json
+
+CONVERTER_VERSION = "fedimaging-prep-1"
+STATE_FILE = "state.json"
+MAPPING_FILE = "mapping.json"
+OUTPUT_DIRS = ("imagesTr", "labelsTr", "imagesTs", "sidecars")
+EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 2, 3
+
+
+class UsageError(ValueError):
+    """Bad arguments or folders; the CLI turns it into exit code 2."""
+
+
+@dataclass
+class PrepOptions:
+    """Everything that changes what prep writes (part of each series' content hash)."""
+
+    labels: str | None = None
+    label_names: dict[str, int] | None = None
+    workers: int = 1
+    force: bool = False
+    tilt: str = "correct"  # correct | reject
+    uneven: str = "reject"  # reject | resample
+    split_4d: bool = False
+    modality: str | None = None  # CT | MR | None (the most common)
+    name: str = "fedimaging-site"
+    progress: bool = False
+
+    def signature(self) -> dict:
+        return {"tilt": self.tilt, "uneven": self.uneven, "split_4d": self.split_4d,
+                "version": CONVERTER_VERSION}
+
+
+@dataclass
+class PrepResult:
+    """What ``prepare_site`` did: exit code, the report object and the output folder."""
+
+    exit_code: int
+    report: dict
+    output_dir: Path
+    table: str = ""
+    dataset: dict = field(default_factory=dict)
+
+
+def _check_folders(input_dir: Path, output_dir: Path, force: bool) -> None:
+    if not input_dir.is_dir():
+        raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if inp == out or inp in out.parents or out in inp.parents:
+        raise UsageError(f"output folder {out} must not be inside (or contain) the input folder {inp}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / deid.PRIVATE_DIR / STATE_FILE).is_file() or (out / "dataset.json").is_file()
+        if not ours and not force:
+            raise UsageError(f"output folder {out} is not empty and is not a prep output; "
+                             "choose an empty folder or pass --force")
+
+
+def _files_hash(group: SeriesGroup, label_path: Path | None, options: PrepOptions) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(options.signature(), sort_keys=True).encode())
+    for f in sorted(group.frames, key=lambda r: (r.file_hash, r.frame if r.frame is not None else -1)):
+        digest.update(f"{f.file_hash}:{f.frame}\n".encode())
+    if label_path is not None:
+        digest.update(hashlib.sha256(label_path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _orientation_codes(affine: np.ndarray) -> str:
+    return "".join(nib.aff2axcodes(affine))
+
+
+def convert_job(job: dict) -> dict:
+    """Convert one series group (runs in a worker): write image(s), label, sidecar; never raises."""
+    out = Path(job["output_dir"])
+    result: dict = {"key": job["key"], "status": "rejected", "cases": [], "warnings": []}
+    try:
+        plan = plan_volume(job["frames"], GeometryOptions(**job["geometry"]))
+        result["warnings"] = list(plan.warnings)
+        data = read_volume(plan)
+    except GeometryError as exc:
+        result.update(reason=exc.reason, detail=exc.detail)
+        return result
+    except PixelError as exc:
+        result.update(reason=exc.reason)
+        return result
+    except Exception as exc:  # a corrupt file fails only its own series
+        result.update(reason=f"conversion_error:{type(exc).__name__}")
+        return result
+
+    label_data = None
+    if job.get("label_path"):
+        try:
+            label_data = conform_label(job["label_path"], plan.affine, data.shape)
+            result["label"] = "matched"
+        except LabelError as exc:
+            result.update(label="rejected", label_reason=exc.reason)
+        except Exception as exc:
+            result.update(label="rejected", label_reason=f"label_error:{type(exc).__name__}")
+
+    split = job["geometry"]["split_4d"] and data.ndim == 4
+    volumes = [data[..., t] for t in range(data.shape[3])] if split else [data]
+    first = job["frames"][0]
+    try:
+        for t, vol in enumerate(volumes):
+            case = job["case"] + (f"-t{t:03d}" if split else "")
+            labelled = label_data is not None
+            img_rel = f"{'imagesTr' if labelled else 'imagesTs'}/{case}_0000{FILE_ENDING}"
+            write_nifti(out / img_rel, vol, plan.affine)
+            lab_rel = None
+            if labelled:
+                lab_rel = f"labelsTr/{case}{FILE_ENDING}"
+                write_nifti(out / lab_rel, label_data, plan.affine, label=True)
+            side_rel = f"sidecars/{case}.json"
+            sidecar = {
+                "case": case,
+                "subject": job["subject"],
+                "study": job["study"],
+                "modality": first.modality,
+                "shape": list(vol.shape),
+                "voxel_spacing_mm": [round(float(s), 6) for s in plan.spacing],
+                "orientation": _orientation_codes(plan.affine),
+                "dtype": str(vol.dtype),
+                "num_files": job["files"],
+                "time_point": t if split else None,
+                "geometry_notes": list(plan.warnings),
+                "labelled": labelled,
+                "acquisition": deid.acquisition_sidecar(first.params),
+                "converter": CONVERTER_VERSION,
+            }
+            atomic_write_json(out / side_rel, sidecar)
+            result["cases"].append({
+                "case": case, "image": img_rel, "label": lab_rel, "sidecar": side_rel,
+                "shape": list(vol.shape[:3]), "spacing": [float(s) for s in plan.spacing],
+                "manufacturer": first.params.get("Manufacturer"),
+                "stats": case_stats(vol, first.modality, label_data),
+            })
+    except Exception as exc:
+        result.update(reason=f"write_error:{type(exc).__name__}", cases=[])
+        return result
+    result["status"] = "converted"
+    result["reason"] = None
+    return result
+
+
+def _executor(workers: int):
+    if workers <= 1:
+        return None
+    method = "fork" if sys.platform.startswith("linux") and not _threads_running() else None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _threads_running() -> bool:
+    import threading
+
+    return threading.active_count() > 1
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file" if desc == "scan" else "series",
+                file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _load_state(private: Path, force: bool) -> dict:
+    path = private / STATE_FILE
+    if force or not path.is_file():
+        return {"version": CONVERTER_VERSION, "groups": {}}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("version") != CONVERTER_VERSION:
+            return {"version": CONVERTER_VERSION, "groups": {}}
+        return state
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"version": CONVERTER_VERSION, "groups": {}}
+
+
+def _outputs_exist(out: Path, result: dict) -> bool:
+    return all((out / c[k]).is_file() for c in result.get("cases", []) for k in ("image", "sidecar"))
+
+
+def _remove_stale(out: Path, keep: set[str]) -> None:
+    for sub in OUTPUT_DIRS:
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and p.name.startswith("case-") and f"{sub}/{p.name}" not in keep:
+                p.unlink()
+
+
+def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bool = False,
+                 tilt: str = "correct", uneven: str = "reject", split_4d: bool = False,
+                 modality: str | None = None, name: str = "fedimaging-site",
+                 label_names: dict[str, int] | None = None, progress: bool = False) -> PrepResult:
+    """Turn the DICOM tree ``input_dir`` into a site dataset in ``output_dir``; see README."""
+    start = time.perf_counter()
+    options = PrepOptions(labels=str(labels) if labels else None, label_names=label_names,
+                          workers=max(1, int(workers)), force=force, tilt=tilt, uneven=uneven,
+                          split_4d=split_4d, modality=modality.upper() if modality else None,
+                          name=name, progress=progress)
+    if tilt not in ("correct", "reject"):
+        raise UsageError(f"tilt must be 'correct' or 'reject', got {tilt!r}")
+    if uneven not in ("reject", "resample"):
+        raise UsageError(f"uneven must be 'reject' or 'resample', got {uneven!r}")
+    input_dir, out = Path(input_dir).expanduser(), Path(output_dir).expanduser()
+    _check_folders(input_dir, out, force)
+    input_dir = input_dir.resolve()
+    if labels is not None and not Path(labels).is_dir():
+        raise UsageError(f"labels folder {labels} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    private = deid.private_dir(out)
+    secret = deid.load_or_create_secret(out)
+    state = _load_state(private, force)
+
+    executor = _executor(options.workers)
+    try:
+        files_total = sum(len(f) for _, _, f in os.walk(input_dir))
+        with _progress(files_total, "scan", progress) as bar:
+            scan = scan_tree(input_dir, executor=executor, progress=bar)
+        groups = group_series(scan.frames)
+        series_uids = {g.series_uid for g in groups}
+        label_files, unmatched_labels = (match_labels(labels, series_uids) if labels else ({}, []))
+
+        pending = [g for g in groups if g.status == "pending"]
+        chosen = options.modality or _majority_modality(pending)
+        for g in pending:
+            if g.modality != chosen:
+                g.status, g.reason = "skipped", "other_modality"
+
+        jobs, reused, results = [], {}, {}
+        for g in groups:
+            if g.status != "pending":
+                continue
+            label_path = label_files.get(g.series_uid) if g.part == 0 else None
+            digest = _files_hash(g, label_path, options)
+            prior = state["groups"].get(g.key)
+            if prior and prior.get("hash") == digest and _outputs_exist(out, prior["result"]):
+                reused[g.key] = prior["result"]
+                continue
+            first = g.frames[0]
+            jobs.append({
+                "key": g.key, "case": deid.case_name(secret, g.key), "frames": g.frames,
+                "geometry": {"tilt": tilt, "uneven": uneven, "split_4d": split_4d},
+                "label_path": str(label_path) if label_path else None,
+                "output_dir": str(out), "files": g.files,
+                "subject": deid.pseudonym(secret, "subject", first.patient_id, 12),
+                "study": deid.pseudonym(secret, "study", first.study_uid, 12),
+                "hash": digest,
+            })
+        jobs.sort(key=lambda j: -len(j["frames"]))
+        with _progress(len(jobs), "convert", progress) as bar:
+            if executor is None:
+                for job in jobs:
+                    results[job["key"]] = convert_job(job)
+                    bar.update(1)
+            else:
+                futures = {executor.submit(convert_job, job): job for job in jobs}
+                for fut in as_completed(futures):
+                    key = futures[fut]["key"]
+                    try:
+                        results[key] = fut.result()
+                    except Exception as exc:  # a worker died (e.g. out of memory)
+                        results[key] = {"key": key, "status": "rejected", "cases": [], "warnings": [],
+                                        "reason": f"worker_failed:{type(exc).__name__}"}
+                    bar.update(1)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+    new_state = {"version": CONVERTER_VERSION, "groups": {}}
+    for job in jobs:
+        new_state["groups"][job["key"]] = {"hash": job["hash"], "result": results[job["key"]]}
+    for key, res in reused.items():
+        new_state["groups"][key] = {"hash": state["groups"][key]["hash"], "result": res}
+        results[key] = res
+
+    return _finish(input_dir, out, private, secret, groups, results, set(reused), scan,
+                   unmatched_labels, chosen, options, new_state, start)
+
+
+def _majority_modality(groups: list[SeriesGroup]) -> str:
+    counts = Counter(g.modality for g in groups)
+    if not counts:
+        return "CT"
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+
+def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
+            unmatched_labels, modality, options, state, start) -> PrepResult:
+    entries, training, test, cases, mapping, keep = [], [], [], [], {}, set()
+    label_values: set[int] = set()
+    for index, g in enumerate(groups, start=1):
+        entry = {"index": index, "series": deid.pseudonym(secret, "series", g.series_uid, 12),
+                 "part": g.part, "status": g.status, "reason": g.reason, "files": g.files,
+                 "modality": g.modality or None, "warnings": list(g.warnings)}
+        res = results.get(g.key)
+        if res is not None:
+            entry["status"], entry["reason"] = res["status"], res.get("reason")
+            if res.get("detail"):
+                entry["detail"] = res["detail"]
+            entry["warnings"] += res.get("warnings", [])
+            if res.get("label"):
+                entry["label"] = res["label"]
+                if res.get("label_reason"):
+                    entry["label_reason"] = res["label_reason"]
+            if g.key in reused_keys:
+                entry["unchanged"] = True
+            case_names = [c["case"] for c in res.get("cases", [])]
+            if case_names:
+                entry["case"] = case_names[0] if len(case_names) == 1 else deid.case_name(secret, g.key)
+                entry["cases"] = case_names if len(case_names) > 1 else None
+            for c in res.get("cases", []):
+                item = {"image": c["image"], "label": c["label"]}
+                (training if c["label"] else test).append(item)
+                cases.append(c)
+                keep.update(v for k, v in c.items() if k in ("image", "label", "sidecar") and v)
+                label_values.update(int(v) for v in c["stats"].get("label_voxels", {}))
+            if case_names:
+                mapping[entry["case"]] = {
+                    "series_uid": g.series_uid, "part": g.part,
+                    "study_uid": g.frames[0].study_uid, "patient_id": g.frames[0].patient_id,
+                    "source_folders": sorted({str(Path(f.path).parent.relative_to(input_dir))
+                                              for f in g.frames}),
+                    "cases": case_names,
+                }
+        entry = {k: v for k, v in entry.items() if v is not None}
+        entries.append(entry)
+
+    _remove_stale(out, keep)
+    labels = {"background": 0}
+    if options.label_names:
+        labels.update({k: int(v) for k, v in options.label_names.items()})
+    for v in sorted(label_values - set(labels.values())):
+        labels[f"label_{v}"] = v
+    training.sort(key=lambda e: e["image"])
+    test.sort(key=lambda e: e["image"])
+    dataset_path = write_dataset_json(out, options.name, modality, labels, training, test)
+
+    counts = {"cases": len(cases), "training": len(training), "test": len(test),
+              "series_converted": sum(1 for e in entries if e["status"] == "converted")}
+    atomic_write_json(out / "fingerprint.json", build_fingerprint(cases, modality, counts))
+    unreadable = [reason for _, reason in scan.unreadable]
+    report = build_report(entries, unreadable, scan.non_dicom, scan.dicomdir,
+                          {"tilt": options.tilt, "uneven": options.uneven,
+                           "split_4d": options.split_4d, "modality": modality,
+                           "labels": bool(options.labels),
+                           "unmatched_label_files": len(unmatched_labels)},
+                          time.perf_counter() - start)
+    atomic_write_json(out / "prep_report.json", report)
+    atomic_write_json(private / MAPPING_FILE, mapping, mode=0o600)
+    atomic_write_json(private / STATE_FILE, state, mode=0o600)
+    s = report["summary"]
+    rejected = s["rejected"] + s["labels_rejected"] + s["unreadable_files"]
+    return PrepResult(exit_code=EXIT_REJECTED if rejected else EXIT_OK, report=report,
+                      output_dir=out, table=summary_table(report),
+                      dataset=json.loads(dataset_path.read_text()))

@@ -1,0 +1,85 @@
+"""``fedimaging prep INPUT_DIR OUTPUT_DIR``: the command-line face of :func:`prepare_site`.
+
+Exit codes: 0 all image series converted, 3 some series (or labels, or files) rejected while
+the rest were written, 2 usage errors (bad folders or options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from data_prep.prep import EXIT_USAGE, UsageError, prepare_site
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedimaging prep",
+        description="Convert a hospital DICOM tree into a de-identified site dataset "
+                    "(NIfTI + dataset.json + fingerprint.json + prep_report.json).",
+    )
+    parser.add_argument("input_dir", metavar="INPUT_DIR", help="DICOM folder (read only, searched recursively)")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="site dataset folder to create or update")
+    parser.add_argument("--labels", metavar="DIR",
+                        help="NIfTI label maps; matched by mapping.json/mapping.csv or the "
+                             "SeriesInstanceUID in the file name")
+    parser.add_argument("--label-names", metavar="JSON",
+                        help='file with label names, e.g. {"liver": 1, "tumour": 2}')
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="worker processes (default: min(4, CPUs))")
+    parser.add_argument("--force", action="store_true",
+                        help="reconvert every series, and allow a non-empty OUTPUT_DIR")
+    parser.add_argument("--tilt", choices=("correct", "reject"), default="correct",
+                        help="gantry-tilted CT: resample to an orthogonal grid (default) or reject")
+    parser.add_argument("--uneven", choices=("reject", "resample"), default="reject",
+                        help="missing slices / uneven spacing: reject (default) or resample to "
+                             "uniform spacing")
+    parser.add_argument("--split-4d", action="store_true",
+                        help="write each time point of a 4D series as its own case "
+                             "(default: one 4D NIfTI)")
+    parser.add_argument("--modality", choices=("CT", "MR"),
+                        help="modality of the dataset (default: the most common); other series are skipped")
+    parser.add_argument("--name", default="fedimaging-site", help="dataset name in dataset.json")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own message
+        return EXIT_USAGE if exc.code not in (0, None) else 0
+    if args.workers < 1:
+        print("fedimaging prep: --workers must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    label_names = None
+    if args.label_names:
+        try:
+            label_names = json.loads(Path(args.label_names).read_text(encoding="utf-8"))
+            if not isinstance(label_names, dict) or not all(isinstance(v, int) for v in label_names.values()):
+                raise ValueError("expected an object of name: integer")
+        except (OSError, ValueError) as exc:
+            print(f"fedimaging prep: --label-names {args.label_names}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        result = prepare_site(
+            args.input_dir, args.output_dir, labels=args.labels, workers=args.workers,
+            force=args.force, tilt=args.tilt, uneven=args.uneven, split_4d=args.split_4d,
+            modality=args.modality, name=args.name, label_names=label_names,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except UsageError as exc:
+        print(f"fedimaging prep: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.quiet:
+        print(result.table)
+        print(f"site dataset written to {result.output_dir}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The site dataset format (DESIGN 3.4): reading, validating and writing ``dataset.json``.
+
+One module owns the format so that ``prep``, the demo generator and the ClientApp agree.
+Validation happens before any training and names the offending file, because a site's
+engineer must be able to fix the dataset without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from fedimaging.io import atomic_write_json
+
+DATASET_JSON = "dataset.json"
+FILE_ENDING = ".nii.gz"
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class DatasetError(ValueError):
+    """A site dataset is missing, malformed or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: an image file and a label (label map path, or class index)."""
+
+    name: str
+    image: Path
+    label: Path | int | None
+
+
+@dataclass(frozen=True)
+class SiteDataset:
+    """A validated site dataset. Paths are absolute and inside ``root``."""
+
+    root: Path
+    name: str
+    modality: str
+    labels: dict[str, int]
+    training: tuple[Case, ...]
+    test: tuple[Case, ...]
+    kind: str  # "segmentation" (label maps) or "classification" (class index per case)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def foreground_labels(self) -> dict[str, int]:
+        """Label names and values other than background (value 0)."""
+        return {k: v for k, v in self.labels.items() if v != 0}
+
+    @property
+    def fingerprint_id(self) -> str:
+        """Stable identifier of the training content (for the privacy ledger); no paths inside."""
+        digest = hashlib.sha256()
+        digest.update(self.name.encode())
+        for case in self.training:
+            digest.update(case.name.encode())
+            digest.update(str(case.image.stat().st_size).encode())
+        return digest.hexdigest()[:32]
+
+
+def _resolve_inside(root: Path, rel: Any, where: str) -> Path:
+    """Resolve a dataset.json path and refuse anything that escapes the dataset folder."""
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: expected a relative file path, got {rel!r}")
+    if os.path.isabs(rel) or rel.startswith("~"):
+        raise DatasetError(f"{where}: path {rel!r} must be relative to the dataset folder")
+    resolved = (root / rel).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise DatasetError(f"{where}: path {rel!r} escapes the dataset folder {root}")
+    if not resolved.is_file():
+        raise DatasetError(f"{where}: file {rel!r} does not exist in {root}")
+    return resolved
+
+
+def _case_name(image_rel: str) -> str:
+    base = Path(image_rel).name
+    for suffix in (FILE_ENDING, ".nii"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return base[:-5] if base.endswith("_0000") else base
+
+
+def _check_geometry(image: Path, label: Path, where: str, labels: dict[str, int]) -> None:
+    img = nib.load(str(image))
+    lab = nib.load(str(label))
+    if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
+        raise DatasetError(
+            f"{where}: label {label.name} has shape {tuple(lab.shape)} but image "
+            f"{image.name} has shape {tuple(img.shape)}"
+        )
+    if not np.allclose(img.affine, lab.affine, atol=AFFINE_TOLERANCE_MM):
+        raise DatasetError(
+            f"{where}: label {label.name} affine differs from image {image.name} "
+            f"(max difference {np.abs(img.affine - lab.affine).max():.4g} mm)"
+        )
+    values = np.unique(np.asanyarray(lab.dataobj))
+    declared = set(labels.values())
+    undeclared = sorted(int(v) for v in values if int(v) not in declared or v != int(v))
+    if undeclared:
+        raise DatasetError(
+            f"{where}: label {label.name} contains values {undeclared} that dataset.json "
+            f"'labels' does not declare (declared: {sorted(declared)})"
+        )
+
+
+def _parse_cases(
+    root: Path, entries: Any, list_name: str, labels: dict[str, int], check_geometry: bool
+) -> tuple[tuple[Case, ...], str | None]:
+    if not isinstance(entries, list):
+        raise DatasetError(f"{root / DATASET_JSON}: '{list_name}' must be a list")
+    cases, kinds = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{root / DATASET_JSON} {list_name}[{i}]"
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"{where}: expected an object with an 'image' path")
+        image = _resolve_inside(root, entry["image"], where)
+        raw_label = entry.get("label")
+        label: Path | int | None
+        if raw_label is None:
+            label = None
+        elif isinstance(raw_label, bool) or isinstance(raw_label, (int, float)):
+            if raw_label != int(raw_label) or int(raw_label) not in labels.values():
+                raise DatasetError(
+                    f"{where}: class label {raw_label!r} is not one of the declared "
+                    f"classes {sorted(labels.values())}"
+                )
+            label, kinds = int(raw_label), kinds | {"classification"}
+        else:
+            label = _resolve_inside(root, raw_label, where)
+            kinds.add("segmentation")
+            if check_geometry:
+                _check_geometry(image, label, where, labels)
+        cases.append(Case(_case_name(entry["image"]), image, label))
+    if len(kinds) > 1:
+        raise DatasetError(f"{root / DATASET_JSON}: '{list_name}' mixes class indices and label maps")
+    return tuple(cases), next(iter(kinds), None)
+
+
+def load_site_dataset(
+    path: str | os.PathLike, check_geometry: bool = True, require_training: bool = True
+) -> SiteDataset:
+    """Read and validate a site dataset folder; raise :class:`DatasetError` naming the problem.
+
+    ``require_training=False`` accepts evaluation-only sites (test cases, no training cases).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"site dataset folder {root} does not exist (set 'data-path')")
+    root = root.resolve()
+    manifest = root / DATASET_JSON
+    if not manifest.is_file():
+        raise DatasetError(f"{manifest} is missing: not a site dataset (run 'fedimaging prep')")
+    try:
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{manifest} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{manifest}: expected a JSON object")
+    for key in ("name", "channel_names", "labels", "training"):
+        if key not in meta:
+            raise DatasetError(f"{manifest}: required key '{key}' is missing")
+    labels = meta["labels"]
+    if (
+        not isinstance(labels, dict)
+        or not labels
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())
+    ):
+        raise DatasetError(f"{manifest}: 'labels' must map names to integer values")
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or len(channels) != 1:
+        raise DatasetError(f"{manifest}: 'channel_names' must name exactly one channel")
+    if meta.get("file_ending", FILE_ENDING) not in (FILE_ENDING, ".nii"):
+        raise DatasetError(f"{manifest}: file_ending {meta['file_ending']!r} is not NIfTI")
+    training, kind = _parse_cases(root, meta["training"], "training", labels, check_geometry)
+    if not training and require_training:
+        raise DatasetError(f"{manifest}: the 'training' list is empty; a site needs training cases")
+    test, test_kind = _parse_cases(root, meta.get("test", []), "test", labels, check_geometry)
+    kind = kind or test_kind
+    if kind is None:
+        raise DatasetError(f"{manifest}: no case has a label (training cases need label maps or class indices)")
+    if test_kind not in (None, kind):
+        raise DatasetError(f"{manifest}: 'test' labels are of another kind than 'training'")
+    if kind == "segmentation" and 0 not in labels.values():
+        raise DatasetError(f"{manifest}: segmentation 'labels' must declare background = 0")
+    return SiteDataset(
+        root=root,
+        name=str(meta["name"]),
+        modality=str(next(iter(channels.values()))).upper(),
+        labels=dict(labels),
+        training=training,
+        test=test,
+        kind=kind,
+        extra={k: v for k, v in meta.items() if k not in {"training", "test"}},
+    )
+
+
+def write_dataset_json(
+    root: str | os.PathLike,
+    name: str,
+    modality: str,
+    labels: dict[str, int],
+    training: list[dict[str, Any]],
+    test: list[dict[str, Any]],
+    **extra: Any,
+) -> Path:
+    """Write ``dataset.json`` (nnU-Net v2 / MSD style) atomically and return its path."""
+    meta = {
+        "name": name,
+        "channel_names": {"0": modality},
+        "labels": labels,
+        "numTraining": len(training),
+        "numTest": len(test),
+        "file_ending": FILE_ENDING,
+        **extra,
+        "training": training,
+        "test": test,
+    }
+    target = Path(root) / DATASET_JSON
+    atomic_write_json(target, meta)
+    return target

@@ -1,0 +1,68 @@
+"""Site data caching: read and resample each case once per site process, within a memory bound.
+
+Flower keeps a site's ClientApp process alive across rounds; re-reading and resampling every
+NIfTI each round would dominate a round's time. MONAI's ``CacheDataset`` keeps the
+deterministic prefix of the transform chain in memory; ``cache_rate`` is chosen so the cache
+stays under ``cache_max_mb`` (the rest is recomputed on access).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from data_prep.site_dataset import Case
+
+
+def estimated_bytes(cases: tuple[Case, ...], spacing: tuple[float, float, float], channels: int = 2) -> int:
+    """Bytes a case list takes after resampling to ``spacing`` (float32, image + label)."""
+    total = 0
+    for case in cases:
+        header = nib.load(str(case.image)).header
+        zooms = np.array(header.get_zooms()[:3], dtype=float)
+        shape = np.array(header.get_data_shape()[:3], dtype=float)
+        resampled = np.ceil(shape * zooms / np.array(spacing))
+        total += int(np.prod(resampled)) * 4 * channels
+    return total
+
+
+def cache_rate_for(cases: tuple[Case, ...], spacing, budget_mb: int, channels: int = 2) -> float:
+    """Fraction of cases to cache so that the cache stays within ``budget_mb``."""
+    need = estimated_bytes(cases, spacing, channels)
+    if need == 0:
+        return 1.0
+    return float(min(1.0, budget_mb * 1024 * 1024 / need))
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A torch generator for DataLoader shuffling that depends only on ``seed``."""
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) % (2**63))
+    return generator
+
+
+class SiteDataCache:
+    """Prepared site data by key, least recently used first out, at most ``max_sites`` kept."""
+
+    def __init__(self, max_sites: int = 8) -> None:
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._max_sites = max_sites
+
+    def get(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        """Return the cached value for ``key``, building it with ``factory`` on first use."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        value = factory()
+        self._entries[key] = value
+        while len(self._entries) > self._max_sites:
+            self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,192 @@
+"""3D segmentation with a MONAI UNet: transforms, DiceCE training, Dice/HD95 evaluation.
+
+Evaluation runs sliding-window inference on whole volumes at the task spacing (RAS,
+resampled), which is where the model works; metrics are therefore in task-spacing voxels
+converted to mm for HD95.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.nets import UNet
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+from torch import nn
+
+from data_prep.site_dataset import SiteDataset
+from tasks.base import LocalTrainingOptions, Task, TrainResult, device
+from tasks.data import cache_rate_for, seeded_generator
+from tasks.training import train_local
+
+KEYS = ("image", "label")
+
+
+def intensity_transform(modality: str, ct_window: tuple[float, float]):
+    """CT: clip to a HU window and scale to [0, 1]; MR (and others): z-score inside the body."""
+    if modality == "CT":
+        return ScaleIntensityRanged("image", a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
+    return NormalizeIntensityd("image", nonzero=True)
+
+
+def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
+    """Deterministic part of the chain (cached): load, channel-first, RAS, resample, normalise."""
+    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
+    return [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS"),
+        Spacingd(keys, pixdim=spacing, mode=modes),
+        intensity_transform(modality, ct_window),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=False),
+    ]
+
+
+@dataclass
+class SegmentationSiteData:
+    """A site's cached datasets."""
+
+    train: CacheDataset
+    test: CacheDataset | None
+    num_train_cases: int
+    modality: str
+
+
+class SegmentationTask(Task):
+    """MONAI UNet segmentation of the dataset's labels (background + foreground classes)."""
+
+    name = "segmentation"
+    best_metric = "dice"
+
+    def __init__(self, settings, num_classes: int = 3) -> None:
+        super().__init__(settings)
+        self.num_classes = num_classes
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.settings.seed)
+        s = self.settings
+        strides = tuple(2 for _ in range(len(s.channels) - 1))
+        model = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=self.num_classes,
+            channels=s.channels,
+            strides=strides,
+            num_res_units=s.num_res_units,
+            norm=("instance", {"affine": True}),
+        )
+        return model
+
+    def prepare_site(self, dataset: SiteDataset) -> SegmentationSiteData:
+        if dataset.kind != "segmentation":
+            raise ValueError(f"{dataset.root}: task 'segmentation' needs label maps, dataset has {dataset.kind} labels")
+        if max(dataset.labels.values()) >= self.num_classes:
+            raise ValueError(
+                f"{dataset.root}: labels {dataset.labels} need more than the model's {self.num_classes} classes"
+            )
+        s = self.settings
+        train_chain = preprocessing(dataset.modality, s.spacing, s.ct_window) + [
+            SpatialPadd(KEYS, spatial_size=s.roi_size),
+            RandCropByPosNegLabeld(
+                KEYS, label_key="label", spatial_size=s.roi_size, pos=1, neg=1,
+                num_samples=s.crops_per_case, image_key="image", image_threshold=0.0,
+            ),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            RandGaussianNoised("image", prob=0.2, std=0.03),
+        ]
+        train_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.training]
+        test_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.test if c.label is not None]
+        budget = s.cache_max_mb // 2 if test_items else s.cache_max_mb
+        train = CacheDataset(
+            train_items, Compose(train_chain),
+            cache_rate=cache_rate_for(dataset.training, s.spacing, budget), num_workers=0, progress=False,
+        )
+        test = None
+        if test_items:
+            test = CacheDataset(
+                test_items, Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)),
+                cache_rate=cache_rate_for(dataset.test, s.spacing, budget), num_workers=0, progress=False,
+            )
+        return SegmentationSiteData(train, test, len(train_items), dataset.modality)
+
+    def train(self, model: nn.Module, site_data: SegmentationSiteData, options: LocalTrainingOptions) -> TrainResult:
+        dev = device()
+        model.to(dev)
+        site_data.train.transform.set_random_state(seed=options.seed % (2**32))
+
+        def batches(epoch: int):
+            loader = DataLoader(
+                site_data.train, batch_size=self.settings.batch_size, shuffle=True, num_workers=0,
+                generator=seeded_generator(options.seed * 1000 + epoch),
+            )
+            yield from loader
+
+        def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
+            return self.loss_fn(net(batch["image"].to(dev)), batch["label"].to(dev))
+
+        lr = options.lr if options.lr is not None else self.settings.lr
+        loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
+        return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+
+    @torch.no_grad()
+    def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Sliding-window logits for a (B, 1, X, Y, Z) image at task spacing."""
+        model.eval()
+        dev = device()
+        return sliding_window_inference(
+            image.to(dev), roi_size=self.settings.roi_size, sw_batch_size=4,
+            predictor=model, overlap=self.settings.sw_overlap, mode="gaussian",
+        )
+
+    def evaluate(self, model: nn.Module, site_data: SegmentationSiteData, split: str = "test") -> dict[str, float]:
+        dataset = site_data.test if split == "test" else None
+        if dataset is None or len(dataset) == 0:
+            return {"num-examples": 0}
+        model.to(device())
+        dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+        losses = []
+        for item in DataLoader(dataset, batch_size=1, num_workers=0):
+            logits = self.predict_logits(model, item["image"])
+            label = item["label"].to(logits.device)
+            losses.append(float(self.loss_fn(logits, label)))
+            pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)
+            truth = one_hot(label.long(), self.num_classes)
+            dice(pred, truth)
+            hd95(pred, truth, spacing=list(self.settings.spacing))
+        per_class = dice.aggregate().cpu().numpy()
+        distances = hd95.aggregate().cpu().numpy()
+        finite = distances[np.isfinite(distances)]
+        metrics = {
+            "num-examples": len(dataset),
+            "loss": float(np.mean(losses)),
+            "dice": float(np.mean(per_class)),
+            "hd95": float(np.mean(finite)) if finite.size else math.nan,
+        }
+        for index, value in enumerate(per_class, start=1):
+            metrics[f"dice-class{index}"] = float(value)
+        return metrics

@@ -1,0 +1,85 @@
+"""The local training loop both tasks share, with the FedProx and SCAFFOLD site-side terms.
+
+FedProx adds ``mu/2 * ||w - w_global||^2`` to every step's loss. SCAFFOLD corrects every
+gradient by ``c - c_i`` and, after the round, updates the site variate with Karimireddy et
+al.'s option II: ``c_i+ = c_i - c + (w_global - w_local) / (K * lr)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.base import LocalTrainingOptions
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``adam`` (default, fast convergence) or ``sgd`` (momentum 0.9; SCAFFOLD's assumption)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_local(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Any]],
+    step_loss: Callable[[nn.Module, Any], torch.Tensor],
+    options: LocalTrainingOptions,
+    optimizer_name: str,
+    lr: float,
+) -> tuple[float, int, float, dict[str, torch.Tensor] | None]:
+    """Run ``options.epochs`` epochs; return (mean loss, steps, seconds, SCAFFOLD delta-c).
+
+    ``batches(epoch)`` yields the epoch's batches (seeded by the caller); ``step_loss`` runs
+    the forward pass and returns the task loss of one batch.
+    """
+    start = time.perf_counter()
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    global_params = trainable_state(model) if (options.proximal_mu > 0 or options.scaffold_server) else None
+    optimizer = make_optimizer(optimizer_name, (p for _, p in named), lr)
+    if options.dp is not None:
+        if global_params is not None:
+            raise ValueError("DP-SGD cannot be combined with FedProx/SCAFFOLD gradient terms")
+        model, optimizer, batches = options.dp.wrap(model, optimizer, batches)
+    correction = None
+    if options.scaffold_server is not None:
+        site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in options.scaffold_server.items()}
+        correction = {k: options.scaffold_server[k] - site_c[k] for k in options.scaffold_server}
+    total, steps = 0.0, 0
+    for epoch in range(options.epochs):
+        for batch in batches(epoch):
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_loss(model, batch)
+            task_loss = float(loss.detach())
+            if options.proximal_mu > 0:
+                prox = sum(((p - global_params[n]) ** 2).sum() for n, p in named)
+                loss = loss + 0.5 * options.proximal_mu * prox
+            loss.backward()
+            if correction is not None:
+                for n, p in named:
+                    if p.grad is not None and n in correction:
+                        p.grad.add_(correction[n].to(p.grad.device))
+            optimizer.step()
+            total += task_loss
+            steps += 1
+    delta_c = None
+    if correction is not None and steps > 0:
+        site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in options.scaffold_server.items()}
+        local = trainable_state(model)
+        delta_c = {}
+        for k in options.scaffold_server:
+            new_c = site_c[k] - options.scaffold_server[k] + (global_params[k] - local[k]).cpu() / (steps * lr)
+            delta_c[k] = new_c - site_c[k]
+    return total / max(steps, 1), steps, time.perf_counter() - start, delta_c
