@@ -103,7 +103,12 @@ def _check_geometry(image: Path, label: Path, where: str, labels: dict[str, int]
         )
     values = np.unique(np.asanyarray(lab.dataobj))
     declared = set(labels.values())
-    undeclared = sorted(int(v) for v in values if int(v) not in declared or v != int(v))
+    # NaN/inf and fractional values are never declared (int() of NaN would raise without the file name)
+    undeclared = sorted(
+        (float(v) if not np.isfinite(v) or v != int(v) else int(v))
+        for v in values
+        if not np.isfinite(v) or v != int(v) or int(v) not in declared
+    )
     if undeclared:
         raise DatasetError(
             f"{where}: label {label.name} contains values {undeclared} that dataset.json "
@@ -126,8 +131,14 @@ def _parse_cases(
         label: Path | int | None
         if raw_label is None:
             label = None
-        elif isinstance(raw_label, bool) or isinstance(raw_label, (int, float)):
-            if raw_label != int(raw_label) or int(raw_label) not in labels.values():
+        elif isinstance(raw_label, (bool, int, float)):
+            # JSON true/false is not a class index (bool is an int subclass in Python)
+            if (
+                isinstance(raw_label, bool)
+                or not np.isfinite(raw_label)
+                or raw_label != int(raw_label)
+                or int(raw_label) not in labels.values()
+            ):
                 raise DatasetError(
                     f"{where}: class label {raw_label!r} is not one of the declared "
                     f"classes {sorted(labels.values())}"
