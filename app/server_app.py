@@ -74,19 +74,24 @@ def _wait_for_sites(grid: Grid, run: RunConfig, needed: int) -> None:
         time.sleep(1.0)
 
 
-def _run_name(run: RunConfig, context: Context) -> str:
+def _run_name(run: RunConfig, run_id: int) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{run.task}-{run.strategy}-{context.run_id}"
+    return f"{stamp}-{run.task}-{run.strategy}-{run_id}"
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated study described by the run config."""
-    run = parse_run_config(context.run_config)
+    run_study(grid, context.run_config, int(context.run_id))
+
+
+def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
+    """The whole study on ``grid`` (Flower's, or the benchmarks' in-process one); returns the run dir."""
+    run = parse_run_config(run_config)
     if run.resume_from and not run.run_dir:
         run_dir = Path(run.resume_from).expanduser().resolve()
     else:
-        run_dir = run.run_dir_path(_run_name(run, context))
+        run_dir = run.run_dir_path(_run_name(run, run_id))
     print(f"Run directory: {run_dir}", flush=True)
     torch.set_num_threads(max(1, run.torch_threads or torch.get_num_threads()))
 
@@ -102,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
                 "torch": torch.__version__,
                 "python": sys.version.split()[0],
                 "python-prefix": sys.prefix,
-                "run-id": int(context.run_id),
+                "run-id": run_id,
             },
         }
     )
@@ -128,6 +133,7 @@ def main(grid: Grid, context: Context) -> None:
         report = write_report(run_dir)
         print(f"Report: {report}", flush=True)
     print(f"Run directory: {run_dir}", flush=True)
+    return run_dir
 
 
 def _console_printer(metric: str):

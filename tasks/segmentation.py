@@ -8,7 +8,7 @@ converted to mm for HD95.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
@@ -66,12 +67,29 @@ def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
 
 @dataclass
 class SegmentationSiteData:
-    """A site's cached datasets."""
+    """A site's cached datasets (``train`` may be a concatenation: pooled baselines)."""
 
-    train: CacheDataset
+    train: Dataset
     test: CacheDataset | None
     num_train_cases: int
     modality: str
+    random_parts: list = field(default_factory=list)  # datasets whose random transforms to seed
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random transforms of every training part (MONAI Randomizable)."""
+        for offset, part in enumerate(self.random_parts or [self.train]):
+            part.transform.set_random_state(seed=(seed + offset) % (2**32))
+
+
+def pooled_site_data(parts: list[SegmentationSiteData]) -> SegmentationSiteData:
+    """All sites' training cases in one dataset: the centralised (pooled) baseline."""
+    return SegmentationSiteData(
+        train=ConcatDataset([p.train for p in parts]),
+        test=None,
+        num_train_cases=sum(p.num_train_cases for p in parts),
+        modality="mixed",
+        random_parts=[p.train for p in parts],
+    )
 
 
 class SegmentationTask(Task):
@@ -136,7 +154,7 @@ class SegmentationTask(Task):
     def train(self, model: nn.Module, site_data: SegmentationSiteData, options: LocalTrainingOptions) -> TrainResult:
         dev = device()
         model.to(dev)
-        site_data.train.transform.set_random_state(seed=options.seed % (2**32))
+        site_data.reseed(options.seed)
 
         def batches(epoch: int):
             loader = DataLoader(
@@ -168,7 +186,7 @@ class SegmentationTask(Task):
             return {"num-examples": 0}
         model.to(device())
         dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
-        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=100, reduction="none")
         losses = []
         for item in DataLoader(dataset, batch_size=1, num_workers=0):
             logits = self.predict_logits(model, item["image"])
