@@ -28,8 +28,9 @@ class ConfigError(ValueError):
 
 
 def _floats(key: str, value: Any, n: int | None = None) -> tuple[float, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        parts = tuple(float(v) for v in str(value).split(",") if v.strip())
+        parts = tuple(float(v) for v in items if str(v).strip())
     except ValueError as exc:
         raise ConfigError(f"run config '{key}': expected comma-separated numbers, got {value!r}") from exc
     if n is not None and len(parts) == 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ PLOT_PREFIX = "report-"
 MAIN_METRICS = ("dice", "hd95", "auc", "accuracy", "balanced-accuracy")
 NOT_PLOTTED = {"num-examples", "train-steps", "train-seconds", "dp-epsilon-spent"}
 MAX_PANELS = 6
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -249,7 +252,8 @@ def _cell(value: Any, digits: int = 4) -> str:
         value = ", ".join(str(v) for v in value)
     if isinstance(value, Mapping):
         value = json.dumps(value, sort_keys=True)
-    return str(value).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+    text = _CONTROL.sub(" ", _ANSI.sub("", str(value)))  # reasons may carry terminal colour codes
+    return text.replace("<", "&lt;").replace("|", "\\|")  # no HTML tags, no broken tables
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -77,9 +77,13 @@ def plot_panels(panels: Mapping[str, Series], path: Path, suptitle: str,
     for series in panels.values():
         order += [label for label in series if label not in order]
     colors = {label: f"C{i % 10}" for i, label in enumerate(order)}
+    rounds = [r for series in panels.values() for pts in series.values() for r in pts]
+    xlim = (min(rounds) - 0.5, max(rounds) + 0.5)  # same rounds on every panel, integer ticks even for one round
     shared = len({tuple(sorted(v)) for v in panels.values()}) == 1
     legend_below = shared and len(order) > 4 and len(panels) > 1
-    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + (0.5 if legend_below else 0)), layout="constrained")
+    legend_right = len(panels) == 1 and len(order) > 4
+    width = 5.2 * cols + (2.0 if legend_right else 0)
+    fig = Figure(figsize=(width, 3.6 * rows + (0.5 if legend_below else 0)), layout="constrained")
     fig.suptitle(suptitle, fontsize=13)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (metric, series) in zip(axes, panels.items()):
@@ -88,7 +92,11 @@ def plot_panels(panels: Mapping[str, Series], path: Path, suptitle: str,
             value, label = hlines[metric]
             ax.axhline(value, color="black", linestyle=":", linewidth=1.2, label=label)
         _style(ax, TITLES.get(metric, metric))
-        if not legend_below and (len(series) > 1 or (hlines and metric in hlines) or len(panels) == 1):
+        ax.set_xlim(*xlim)
+        if legend_right:
+            handles, names = ax.get_legend_handles_labels()
+            fig.legend(handles, names, loc="outside right upper", fontsize=9)
+        elif not legend_below and (len(series) > 1 or (hlines and metric in hlines) or len(panels) == 1):
             ax.legend(fontsize=8, loc="best")
     for ax in axes[len(panels):]:
         ax.set_visible(False)

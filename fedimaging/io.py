@@ -18,11 +18,12 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str = "", private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
 
     The caller writes the file (with any library) to the yielded path. On an exception the
-    temporary file is removed and ``target`` is left as it was.
+    temporary file is removed and ``target`` is left as it was. ``private=True`` keeps the
+    file readable by its owner only (0600); otherwise it gets the umask's usual mode.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,11 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        if (os.stat(tmp).st_mode & 0o777) == 0o600 and not private:
+            # mkstemp creates 0600; ordinary outputs get the usual umask-based mode.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -43,7 +49,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``target`` atomically; ``mode`` sets permissions (e.g. 0o600)."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, private=mode is not None and not mode & 0o077) as tmp:
         tmp.write_bytes(data)
         if mode is not None:
             os.chmod(tmp, mode)

@@ -171,10 +171,11 @@ class SegmentationTask(Task):
         return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
 
     @torch.no_grad()
-    def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits for a (B, 1, X, Y, Z) image at task spacing."""
+    def predict_logits(self, model: nn.Module, image: torch.Tensor, dev: torch.device | None = None) -> torch.Tensor:
+        """Sliding-window logits for a (B, 1, X, Y, Z) image at task spacing (on ``dev``, default CUDA if present)."""
         model.eval()
-        dev = device()
+        dev = dev or device()
+        model.to(dev)
         return sliding_window_inference(
             image.to(dev), roi_size=self.settings.roi_size, sw_batch_size=4,
             predictor=model, overlap=self.settings.sw_overlap, mode="gaussian",
@@ -186,7 +187,7 @@ class SegmentationTask(Task):
             return {"num-examples": 0}
         model.to(device())
         dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
-        hd95 = HausdorffDistanceMetric(include_background=False, percentile=100, reduction="none")
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         losses = []
         for item in DataLoader(dataset, batch_size=1, num_workers=0):
             logits = self.predict_logits(model, item["image"])

@@ -1,0 +1,217 @@
+"""3D case-level classification with a MONAI DenseNet121: transforms, cross-entropy, AUC evaluation.
+
+Each case (one volume, one class index) is reoriented to RAS, resampled to the task spacing,
+normalised like segmentation, then centre padded/cropped to ``classification_size``: padding and
+cropping (not resizing) keep millimetres the same at every site, so a lesion's size means the
+same thing whatever the scanner. The field of view is ``classification_size * spacing`` mm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.metrics import compute_roc_auc
+from monai.networks.nets import DenseNet121
+from monai.transforms import (
+    Compose,
+    RandAffined,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+)
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import ConcatDataset, Dataset
+
+from data_prep.site_dataset import SiteDataset
+from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
+from tasks.data import cache_rate_for, seeded_generator
+from tasks.segmentation import preprocessing
+from tasks.training import train_local
+
+IMAGE = ("image",)
+DENSENET121 = {"init_features": 64, "growth_rate": 32, "block_config": (6, 12, 24, 16)}
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and AUC.
+
+    AUC is MONAI's ROC AUC: of the positive-class probability for two classes, macro one-vs-rest
+    otherwise; NaN when the cases hold a single class (AUC is undefined there).
+    """
+    labels = labels.astype(np.int64)
+    predicted = probs.argmax(axis=1)
+    present = np.unique(labels)
+    recalls = [float(np.mean(predicted[labels == c] == c)) for c in present]
+    if present.size < 2:
+        auc = math.nan
+    elif num_classes == 2:
+        auc = float(compute_roc_auc(torch.as_tensor(probs[:, 1]), torch.as_tensor(labels)))
+    else:
+        onehot = np.eye(num_classes, dtype=np.float32)[labels]
+        keep = [c for c in range(num_classes) if c in present]  # one-vs-rest needs both classes
+        auc = float(compute_roc_auc(torch.as_tensor(probs[:, keep]), torch.as_tensor(onehot[:, keep])))
+    return {
+        "accuracy": float(np.mean(predicted == labels)),
+        "balanced-accuracy": float(np.mean(recalls)),
+        "auc": auc,
+    }
+
+
+@dataclass
+class ClassificationSiteData:
+    """A site's cached datasets (``train`` may be a concatenation: pooled baselines)."""
+
+    train: Dataset
+    test: CacheDataset | None
+    num_train_cases: int
+    modality: str
+    random_parts: list = field(default_factory=list)  # datasets whose random transforms to seed
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random transforms of every training part (MONAI Randomizable)."""
+        for offset, part in enumerate(self.random_parts or [self.train]):
+            part.transform.set_random_state(seed=(seed + offset) % (2**32))
+
+
+def pooled_site_data(parts: list[ClassificationSiteData]) -> ClassificationSiteData:
+    """All sites' training cases in one dataset: the centralised (pooled) baseline."""
+    return ClassificationSiteData(
+        train=ConcatDataset([p.train for p in parts]),
+        test=None,
+        num_train_cases=sum(p.num_train_cases for p in parts),
+        modality="mixed",
+        random_parts=[p.train for p in parts],
+    )
+
+
+class ClassificationTask(Task):
+    """MONAI DenseNet121 (3D) predicting one class per case from the dataset's ``labels``.
+
+    ``architecture`` overrides DenseNet121's width/depth (``init_features``, ``growth_rate``,
+    ``block_config``) for tests and quick CPU trials; the default is DenseNet121 itself.
+    """
+
+    name = "classification"
+    best_metric = "auc"
+
+    def __init__(
+        self,
+        settings: TaskSettings,
+        num_classes: int = 2,
+        class_names: Sequence[str] | None = None,
+        architecture: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(settings)
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else None
+        self.architecture = {**DENSENET121, **(architecture or {})}
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.settings.seed)
+        model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=self.num_classes, **self.architecture)
+        if self.settings.dp_compatible:
+            from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
+
+            model = make_dp_compatible(model)
+        return model
+
+    def inference_transform(self, modality: str) -> Compose:
+        """Deterministic chain for one image: RAS, task spacing, intensity, pad/crop to size."""
+        s = self.settings
+        return Compose(
+            preprocessing(modality, s.spacing, s.ct_window, keys=IMAGE)
+            + [ResizeWithPadOrCropd(IMAGE, spatial_size=s.classification_size, mode="constant")]
+        )
+
+    def prepare_site(self, dataset: SiteDataset) -> ClassificationSiteData:
+        if dataset.kind != "classification":
+            raise ValueError(
+                f"{dataset.root}: task 'classification' needs class indices, dataset has {dataset.kind} labels"
+            )
+        if max(dataset.labels.values()) >= self.num_classes or min(dataset.labels.values()) < 0:
+            raise ValueError(
+                f"{dataset.root}: classes {dataset.labels} do not fit the model's {self.num_classes} outputs"
+            )
+        s = self.settings
+        train_chain = list(self.inference_transform(dataset.modality).transforms) + [
+            RandAffined(
+                IMAGE, prob=0.5, rotate_range=(0.12, 0.12, 0.12), scale_range=(0.08, 0.08, 0.08),
+                translate_range=(3, 3, 3), mode="bilinear", padding_mode="zeros",
+            ),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            RandGaussianNoised("image", prob=0.2, std=0.03),
+        ]
+        train_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.training]
+        test_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.test if c.label is not None]
+        budget = s.cache_max_mb // 2 if test_items else s.cache_max_mb
+        train = CacheDataset(
+            train_items, Compose(train_chain),
+            cache_rate=cache_rate_for(dataset.training, s.spacing, budget, channels=1), num_workers=0, progress=False,
+        )
+        test = None
+        if test_items:
+            test = CacheDataset(
+                test_items, self.inference_transform(dataset.modality),
+                cache_rate=cache_rate_for(dataset.test, s.spacing, budget, channels=1), num_workers=0, progress=False,
+            )
+        return ClassificationSiteData(train, test, len(train_items), dataset.modality)
+
+    def train(self, model: nn.Module, site_data: ClassificationSiteData, options: LocalTrainingOptions) -> TrainResult:
+        dev = device()
+        model.to(dev)
+        site_data.reseed(options.seed)
+        n, batch_size = len(site_data.train), self.settings.batch_size
+        # A trailing batch of one case breaks BatchNorm at small sizes (1 value per channel).
+        drop_last = n > batch_size and n % batch_size == 1
+
+        def batches(epoch: int):
+            loader = DataLoader(
+                site_data.train, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=drop_last,
+                generator=seeded_generator(options.seed * 1000 + epoch),
+            )
+            yield from loader
+
+        def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
+            return F.cross_entropy(net(batch["image"].to(dev)), batch["label"].long().to(dev))
+
+        lr = options.lr if options.lr is not None else self.settings.lr
+        loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
+        return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+
+    @torch.no_grad()
+    def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) for a (B, 1, X, Y, Z) preprocessed image batch."""
+        model.eval()
+        return model(image.to(next(model.parameters()).device)).float()
+
+    def predict_proba(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, C) for a preprocessed image batch (``fedimaging predict``)."""
+        return torch.softmax(self.predict_logits(model, image), dim=1)
+
+    def evaluate(self, model: nn.Module, site_data: ClassificationSiteData, split: str = "test") -> dict[str, float]:
+        dataset = site_data.test if split == "test" else None
+        if dataset is None or len(dataset) == 0:
+            return {"num-examples": 0}
+        model.to(device())
+        logits, labels = [], []
+        for batch in DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=0):
+            logits.append(self.predict_logits(model, batch["image"]).cpu())
+            labels.append(batch["label"].long().cpu())
+        z, y = torch.cat(logits), torch.cat(labels)
+        probs = torch.softmax(z, dim=1).numpy()
+        return {
+            "num-examples": len(dataset),
+            "loss": float(F.cross_entropy(z, y)),
+            **classification_metrics(probs, y.numpy(), self.num_classes),
+        }

@@ -1,0 +1,104 @@
+"""Every message a ClientApp sends carries only model arrays, numbers and the site's public name.
+
+Runs a real (tiny) study through the real ServerApp logic and ClientApp on an in-process grid
+(no transport), captures every reply and inspects it: no file path, case name, image data or
+any other text leaves a site.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from app.client_app import app as client_app
+from app.server_app import run_study
+from bench.local_grid import LocalGrid
+from tasks import get_task
+from app.config import parse_run_config
+
+TINY = {
+    "num-server-rounds": 1, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6",
+    "roi-size": "16,16,16", "channels": "4,8,16", "crops-per-case": 1, "batch-size": 2,
+    "local-baselines": True, "strategy": "scaffold", "optimizer": "sgd", "lr": 0.01,
+}
+SITE_KEYS = {"site-name", "refused-reason", "eval-dataset"}
+
+
+class CapturingGrid(LocalGrid):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    raw = {**TINY, "home": str(home), "run-dir": str(home / "run")}
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], raw)
+    run_study(grid, raw, run_id=7)
+    config = parse_run_config(raw)
+    model = get_task(config.task, config.task_settings()).build_model()
+    return grid.replies, home, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_replies_hold_only_model_arrays_numbers_and_site_names(captured):
+    replies, home, model_shapes = captured
+    assert len(replies) >= 3 * 4  # train, evaluate, local baselines, cross-site (+ unseen)
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "site", "scaffold-delta-c"}
+        for name, record in content.items():
+            if isinstance(record, ArrayRecord):
+                for key, array in record.items():
+                    assert key in model_shapes, f"{name}: {key} is not a model parameter"
+                    assert tuple(array.shape) == model_shapes[key]
+            elif isinstance(record, MetricRecord):
+                for key, value in record.items():
+                    values = value if isinstance(value, list) else [value]
+                    assert all(isinstance(v, (int, float)) for v in values), (key, value)
+            elif isinstance(record, ConfigRecord):
+                assert name == "site"
+                assert set(record.keys()) <= SITE_KEYS
+                assert record["site-name"] in {"site-a", "site-b", "site-c"}
+            else:
+                pytest.fail(f"unexpected record type {type(record).__name__}")
+
+
+def test_no_path_case_name_or_text_in_any_reply(captured):
+    replies, home, _ = captured
+    texts = []
+    for reply in replies:
+        for record in reply.content.values():
+            if isinstance(record, ConfigRecord):
+                for value in record.values():
+                    texts.extend(_strings(value))
+    forbidden = [str(home), "/", "nii", "imagesTr", "labelsTr", "sitea_", "siteb_", "sitec_", "dataset.json"]
+    for text in texts:
+        for needle in forbidden:
+            assert needle not in text, f"{needle!r} leaked in {text!r}"
+
+
+def test_metrics_count_cases_not_batches(captured):
+    replies, _, _ = captured
+    train = [r for r in replies if "arrays" in r.content and "metrics" in r.content]
+    assert train
+    for reply in train:
+        metrics = reply.content["metrics"]
+        # small demo: 4 training cases per site; 4 cases / batch 2 = 2 steps per epoch
+        assert metrics["num-examples"] == 4
+        assert np.isfinite(metrics["loss"])
