@@ -30,7 +30,7 @@ def demo_data_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="fedimaging demo-data", description=demo_data_main.__doc__)
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--sites", type=int, default=3, help="number of training sites (1-3)")
+    parser.add_argument("--sites", type=int, default=3, help="number of training sites (1-4; the fourth is an MR site)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation")
     parser.add_argument("--size", choices=("standard", "small"), default="standard")

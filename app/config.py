@@ -211,7 +211,7 @@ def _validate(c: RunConfig) -> None:
         (0 <= c.trim_fraction < 0.5, "trim-fraction", "in [0, 0.5)"),
         (c.update_norm_action in ("reject", "clip"), "update-norm-action", "'reject' or 'clip'"),
         (c.demo_size in ("standard", "small"), "demo-size", "'standard' or 'small'"),
-        (1 <= c.demo_sites <= 3, "demo-sites", "between 1 and 3"),
+        (1 <= c.demo_sites <= 4, "demo-sites", "between 1 and 4"),
         (c.dp_epsilon >= 0, "dp-epsilon", ">= 0 (0 = no DP)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),

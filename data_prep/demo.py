@@ -7,8 +7,8 @@ comparisons mean something:
   liver-like organ (label 1) with 0-2 hypo/hyper-intense lesions (label 2), and a
   spleen-like distractor of similar intensity that is *not* labelled (the model must use
   shape and position, not a threshold);
-* sites differ like scanners do: modality (CT in HU or MR in arbitrary units with a bias
-  field), calibration scale/offset, noise, blur (resolution), voxel spacing, field of view,
+* sites differ like scanners do: calibration scale/offset, noise (site-c is a low-dose,
+  thick-slice protocol), blur (resolution), voxel spacing, field of view,
   storage orientation, lesion contrast, size and prevalence, and case counts (imbalanced);
 * one extra site (``site-unseen``) with its own scanner exists only for generalization tests.
 
@@ -42,7 +42,7 @@ class ScannerProfile:
     """How one (simulated) hospital's scanner and population look."""
 
     name: str
-    modality: str  # "CT" or "MR"
+    modality: str  # "CT" or "MR" (the demo sites are CT; MR profiles are supported for studies/tests)
     spacing: tuple[float, float, float]  # mm, in storage order (i, j, k)
     fov_mm: tuple[float, float, float]
     orientation: str  # storage orientation of the voxel axes, e.g. "LPS" or "RAS"
@@ -70,7 +70,13 @@ DEMO_PROFILES: dict[str, ScannerProfile] = {
         lesion_radius_mm=(9.0, 17.0), lesion_prevalence=0.65, organ_scale=0.92,
     ),
     "site-c": ScannerProfile(
-        "site-c", "MR", (1.5, 1.5, 4.0), (180, 160, 140), "LAS", 5, 3,
+        "site-c", "CT", (0.8, 0.8, 5.0), (180, 160, 140), "LAS", 5, 3,
+        scale=1.0, offset=20.0, noise_sd=35.0, blur_mm=1.6, lesion_contrast=-32.0,
+        lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
+    ),
+    # Optional fourth hospital (demo-sites=4): an MR site, the hardest domain shift.
+    "site-d": ScannerProfile(
+        "site-d", "MR", (1.5, 1.5, 4.0), (180, 160, 140), "LAS", 12, 4,
         scale=1.0, offset=0.0, noise_sd=25.0, blur_mm=1.8, lesion_contrast=0.45,
         lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
     ),
