@@ -76,7 +76,7 @@ DEMO_PROFILES: dict[str, ScannerProfile] = {
     ),
     # Optional fourth hospital (demo-sites=4): an MR site, the hardest domain shift.
     "site-d": ScannerProfile(
-        "site-d", "MR", (1.5, 1.5, 4.0), (180, 160, 140), "LAS", 12, 4,
+        "site-d", "MR", (1.5, 1.5, 4.0), (160, 180, 140), "PLS", 12, 4,
         scale=1.0, offset=0.0, noise_sd=25.0, blur_mm=1.8, lesion_contrast=0.45,
         lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
     ),
