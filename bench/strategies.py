@@ -1,12 +1,17 @@
-"""Server-side cost of each strategy per round, for a model of realistic size (no sites, no MONAI).
+"""Strategies on the demo non-IID federation vs pooled and local-only training, over seeds.
 
-    python -m bench.strategies [--params 4800000] [--sites 5] [--rounds 3] [--strategies fedavg,scaffold]
+    python -m bench.strategies --task segmentation --seeds 3 --out DIR [--quick]
+                               [--strategies fedavg,fedprox,...] [--run-config 'k=v ...']
 
-Sites are simulated by a Grid that answers every train message with the global model plus noise
-(and a SCAFFOLD delta-c), so what is timed is only the server: reply screening, aggregation,
-metrics line (``aggregate_train``) and the end-of-round checkpoint + server state. Prints one JSON
-object: per strategy, seconds per round for each part and the run directory size. Timings depend
-on the disk (fsync) and on other load on the machine.
+For every seed: pooled centralised training, local-only training per site, and each strategy
+(real ServerApp logic and ClientApp on an in-process grid), all at equal total local epochs.
+Writes ``DIR/strategies.json``::
+
+    {"task": ..., "seeds": [...], "results": {"<method>": {"site_dice": {"<site>": mean},
+     "mean_dice": x, "unseen_dice": x, "seconds": x}}}
+
+plus ``DIR/strategies.md`` (table, goals) and ``DIR/learning_curves.png``. ``--quick`` uses the
+small demo, 3 rounds and one seed (minutes, not hours).
 """
 
 from __future__ import annotations
@@ -14,140 +19,116 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from strategies import STRATEGIES, RunDirectory, StrategySettings, build_strategy
+from bench.demo_study import federated_arm, local_arm, parse_overrides, pooled_arm, prepare
+from fedimaging.io import atomic_path, atomic_write_json, atomic_write_text
 
-
-def synthetic_model(num_params: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """~20 float32 tensors totalling ``num_params`` plus BatchNorm-like buffers."""
-    rng = np.random.default_rng(seed)
-    sizes = np.full(20, num_params // 20)
-    sizes[-1] += num_params - sizes.sum()
-    model = {f"layer{i}.weight": rng.normal(size=int(n)).astype(np.float32) for i, n in enumerate(sizes)}
-    model["norm.running_mean"] = np.zeros(16, np.float32)
-    model["norm.num_batches_tracked"] = np.array(0, np.int64)
-    return model
+ALL = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
+STRATEGY_OVERRIDES = {"fedprox": {"proximal-mu": 0.01}, "scaffold": {"optimizer": "sgd", "lr": 0.01}}
 
 
-class SyntheticGrid(Grid):
-    """Every node answers instantly: global + noise, num-examples and loss; evaluate: dice."""
-
-    def __init__(self, num_sites: int, seed: int = 0) -> None:
-        self.nodes = list(range(1, num_sites + 1))
-        self.rng = np.random.default_rng(seed)
-        self.reply_seconds = 0.0
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        t0 = time.perf_counter()
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            site = ConfigRecord({"site-name": f"site-{node}"})
-            if msg.metadata.message_type == "train":
-                arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-                new = {k: (v + self.rng.normal(scale=1e-3, size=v.shape).astype(v.dtype)
-                           if v.dtype.kind == "f" else v) for k, v in arrays.items()}
-                content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}),
-                                      "metrics": MetricRecord({"num-examples": 10 * node, "loss": 1.0 / node}),
-                                      "site": site})
-                if "scaffold-c" in msg.content.array_records:
-                    content["scaffold-delta-c"] = ArrayRecord(
-                        {k: Array(np.asarray(v - arrays[k])) for k, v in new.items()})
-            else:
-                content = RecordDict({"metrics": MetricRecord({"num-examples": 5, "loss": 0.5, "dice": 0.5}),
-                                      "site": site})
-            replies.append(Message(content, reply_to=msg))
-        self.reply_seconds += time.perf_counter() - t0
-        return replies
-
-    # unused parts of the Grid interface
-    def set_run(self, run) -> None:  # noqa: ANN001
-        pass
-
-    @property
-    def run(self):  # noqa: ANN201
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-
-def _timed(obj, name: str, totals: dict[str, float]) -> None:
-    inner = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
-
-    setattr(obj, name, wrapper)
-
-
-def bench_strategy(name: str, num_params: int, num_sites: int, rounds: int, root: Path) -> dict:
-    settings = StrategySettings(name=name, num_rounds=rounds, min_available_sites=num_sites, cross_site=False,
-                                relative_update_norm=3.0)
-    local = frozenset({"norm.running_mean", "norm.num_batches_tracked"})
-    strategy = build_strategy(settings, RunDirectory(root / name), local)
-    totals: dict[str, float] = {}
-    for method in ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate",
-                   "_end_of_round"):
-        _timed(strategy, method, totals)
-    grid = SyntheticGrid(num_sites)
-    model = synthetic_model(num_params)
-    t0 = time.perf_counter()
-    strategy.run(grid, ArrayRecord({k: Array(v) for k, v in model.items()}))
-    wall = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file())
+def _mean_of(runs: list[dict]) -> dict:
+    sites = runs[0]["site_dice"].keys()
     return {
-        "seconds_per_round": {k.lstrip("_"): round(v / rounds, 4) for k, v in sorted(totals.items())},
-        "server_seconds_per_round": round((wall - grid.reply_seconds) / rounds, 4),
-        "run_dir_mb": round(size / 2**20, 1),
+        "site_dice": {s: float(np.mean([r["site_dice"][s] for r in runs])) for s in sites},
+        "mean_dice": float(np.mean([r["mean_dice"] for r in runs])),
+        "unseen_dice": float(np.mean([r["unseen_dice"] for r in runs])),
+        "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "per_seed_mean_dice": [r["mean_dice"] for r in runs],
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=4_800_000, help="model size (float32 parameters)")
-    parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STRATEGIES]
-    if unknown:
-        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # outside a Flower process
-    import logging
+def _table(results: dict) -> str:
+    sites = list(results["pooled"]["site_dice"])
+    head = "| method | " + " | ".join(sites) + " | mean | unseen | seconds |"
+    rows = [head, "|" + "---|" * (len(sites) + 4)]
+    for method, r in results.items():
+        cells = " | ".join(f"{r['site_dice'][s]:.3f}" for s in sites)
+        rows.append(f"| {method} | {cells} | {r['mean_dice']:.3f} | {r['unseen_dice']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    out = {"params": args.params, "sites": args.sites, "rounds": args.rounds, "strategies": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+
+def _goals(results: dict) -> list[str]:
+    fed = {m: r for m, r in results.items() if m not in ("pooled", "local")}
+    best = max(fed, key=lambda m: fed[m]["mean_dice"])
+    local = results["local"]
+    ratio = fed[best]["mean_dice"] / results["pooled"]["mean_dice"]
+    site_ok = all(fed[best]["site_dice"][s] >= local["site_dice"][s] for s in local["site_dice"])
+    unseen_ratio = fed[best]["unseen_dice"] / max(local["unseen_dice"], 1e-9)
+    return [
+        f"best federated strategy: {best}",
+        f"best / pooled mean Dice = {ratio:.3f} (goal >= 0.97): {'met' if ratio >= 0.97 else 'not met'}",
+        f"every site's federated Dice >= its local-only Dice: {'met' if site_ok else 'not met'}",
+        f"unseen: federated / mean local-only = {unseen_ratio:.2f} (goal >= 1.2): {'met' if unseen_ratio >= 1.2 else 'not met'}",
+    ]
+
+
+def _plot(curves: dict[str, list], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean Dice (sites' test cases)")
+    ax.set_title("Global model per round, seed-averaged")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.strategies", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="segmentation", choices=("segmentation",))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--strategies", default=",".join(ALL))
+    parser.add_argument("--run-config", default="")
+    args = parser.parse_args(argv)
+    names = [s for s in args.strategies.split(",") if s]
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {ALL}")
+    out = args.out.resolve()
+    base = {"task": args.task, "home": str(out / "home"), **parse_overrides(args.run_config)}
+    seeds = list(range(42, 42 + (1 if args.quick else args.seeds)))
+    if args.quick:
+        base = {"demo-size": "small", "num-server-rounds": 3, "local-epochs": 1, **base}
+
+    per_method: dict[str, list[dict]] = {}
+    curves: dict[str, list[list[float]]] = {}
+    for seed in seeds:
+        study = prepare({**base, "seed": seed})
+        per_method.setdefault("pooled", []).append(pooled_arm(study))
+        per_method.setdefault("local", []).append(local_arm(study))
         for name in names:
-            out["strategies"][name] = bench_strategy(name, args.params, args.sites, args.rounds, Path(tmp))
-    json.dump(out, sys.stdout, indent=2)
-    print()
+            result = federated_arm(study, out / "runs" / f"{name}-seed{seed}", strategy=name,
+                                   **STRATEGY_OVERRIDES.get(name, {}))
+            per_method.setdefault(name, []).append(result)
+            curves.setdefault(name, []).append(result["curve"])
+            print(json.dumps({"seed": seed, "method": name, "mean_dice": result["mean_dice"]}), file=sys.stderr, flush=True)
+
+    results = {m: _mean_of(runs) for m, runs in per_method.items()}
+    report = {"task": args.task, "seeds": seeds, "quick": args.quick, "results": results,
+              "settings": {k: v for k, v in base.items() if k != "home"}}
+    atomic_write_json(out / "strategies.json", report)
+    goals = _goals(results)
+    atomic_write_text(out / "strategies.md", "# Strategies on the demo federation\n\n" + _table(results)
+                      + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
+    _plot({n: list(np.nanmean(np.array(c, dtype=float), axis=0)) for n, c in curves.items()}, out / "learning_curves.png")
+    print(json.dumps(report, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Deployment vs simulation on one host: seconds per round, bytes per site per round, peak memory.
+
+    python -m bench.deploy [--rounds 3] [--sites 3] [--skip-simulation] [--run-config "k=v ..."]
+
+Deployment: a loopback federation exactly as ``deploy/`` sets it up (TLS, SuperNode auth, the
+start scripts), each SuperNode connected through its own counting TCP relay so the bytes are
+those on the wire (TLS records, HTTP framing and heartbeats included). Simulation: ``flwr run``
+on Flower's local simulation runtime with the same run config and the same demo sites (same seed).
+Memory: peak summed RSS of each process tree (SuperLink with its ServerApp; each SuperNode with
+its ClientApp processes), sampled every 0.25 s. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from data_prep.demo import demo_site_names, demo_site_path, write_demo_site
+from deploy.loopback import PROJECT_ROOT, LoopbackFederation, format_run_config, free_port, stop_tree
+
+TINY = {
+    "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16", "channels": "4,8", "num-res-units": 0,
+    "crops-per-case": 1, "local-epochs": 1, "batch-size": 2, "torch-threads": 1, "cross-site": False, "seed": 5,
+}
+
+
+class CountingRelay:
+    """A TCP relay 127.0.0.1:port -> target counting the bytes each way (TLS passes through)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.up = 0  # site -> SuperLink
+        self.down = 0  # SuperLink -> site
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + len(chunk))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._server.close()
+
+
+def _round_seconds(run_dir: Path) -> list[float]:
+    """Per round: train + evaluate phase seconds, from the ServerApp's metrics.jsonl."""
+    per_round: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["round"] >= 1:
+                per_round[rec["round"]] = per_round.get(rec["round"], 0.0) + float(rec["seconds"])
+    return [per_round[r] for r in sorted(per_round)]
+
+
+def run_deployment(work: Path, sites: dict[str, Path], config: dict, timeout: float) -> dict:
+    fed = LoopbackFederation(work / "deployment-run", sites)
+    relays: dict[str, CountingRelay] = {}
+    try:
+        fed.init()
+        fed.start_memory_sampling()
+        fed.start_superlink()
+        if fed.register().returncode != 0:
+            raise RuntimeError(f"registration failed\n{fed.logs_tail()}")
+        procs = {}
+        for site in sites:
+            relays[site] = CountingRelay(("127.0.0.1", fed.port))
+            procs[site] = fed.start_site(site, superlink_address=f"127.0.0.1:{relays[site].port}")
+        for site, proc in procs.items():
+            fed.wait_for_log(proc, "SuperNode ID", 180)
+        idle = {s: (r.up, r.down) for s, r in relays.items()}
+        run_dir = work / "deployment-run" / "run"
+        t0 = time.monotonic()
+        run = fed.run_study({**config, "run-dir": str(run_dir)})
+        rc = run.wait(timeout)
+        wall = time.monotonic() - t0
+        if rc != 0:
+            raise RuntimeError(f"deployment run failed ({rc})\n{fed.logs_tail()}")
+        rounds = _round_seconds(run_dir)
+        n = len(rounds)
+        fed.stop_memory_sampling()
+        return {
+            "seconds_per_round": sum(rounds) / n,
+            "round_seconds": rounds,
+            "wall_seconds_flwr_run": wall,
+            "bytes_per_site_per_round": {
+                s: {"site_to_superlink": (r.up - idle[s][0]) / n, "superlink_to_site": (r.down - idle[s][1]) / n}
+                for s, r in relays.items()
+            },
+            "bytes_note": "on the wire (TLS) during the run, incl. heartbeats and FAB download, divided by rounds",
+            "peak_rss_mb": {p.name: round(p.peak_tree_rss / 2**20, 1) for p in fed.procs if p.name != "flwr-run"},
+        }
+    finally:
+        fed.stop()
+        for r in relays.values():
+            r.close()
+
+
+def run_simulation(work: Path, config: dict, n_sites: int, demo_root: Path, timeout: float) -> dict:
+    """The same study on Flower's simulation runtime (its own FLWR_HOME and ports)."""
+    home = work / "simulation-flwr-home"
+    run_dir = work / "simulation-run"
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home), "FEDIMAGING_HOME": str(work / "simulation-fedimaging-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    })
+    cfg = {**config, "run-dir": str(run_dir), "demo-root": str(demo_root), "demo-sites": n_sites}
+    cmd = ["flwr", "run", str(PROJECT_ROOT), "--stream", "--run-config", format_run_config(cfg),
+           "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1"]
+    log = work / "simulation.log"
+    t0 = time.monotonic()
+    try:
+        with open(log, "wb") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout, cwd=work)
+        wall = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"simulation failed ({proc.returncode}); see {log}")
+        rounds = _round_seconds(run_dir)
+        return {"seconds_per_round": sum(rounds) / len(rounds), "round_seconds": rounds, "wall_seconds_flwr_run": wall}
+    finally:
+        _stop_local_superlink(home)
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """`flwr run` leaves its local SuperLink running; stop the one using our FLWR_HOME only."""
+    needle = str(flwr_home).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flower-superlink" in cmdline and needle in cmdline:
+            stop_tree(int(entry))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--run-config", default="", help="extra run config, e.g. \"roi-size='32,32,32'\"")
+    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--timeout", type=float, default=3000.0)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep logs and runs here")
+    args = parser.parse_args(argv)
+
+    from flwr.common.config import parse_config_args
+
+    config = {**TINY, "num-server-rounds": args.rounds, "min-available-sites": args.sites,
+              **parse_config_args([args.run_config] if args.run_config else None)}
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-bench-deploy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    names = demo_site_names(args.sites)
+    demo_root = work / "demo"
+    sites = {
+        s: write_demo_site(demo_site_path(demo_root, int(config["seed"]), "segmentation", s, config["demo-size"]),
+                           s, int(config["seed"]), "segmentation", config["demo-size"])
+        for s in names
+    }
+    result = {
+        "benchmark": "deploy", "rounds": args.rounds, "sites": names, "run_config": config,
+        "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+        "deployment": run_deployment(work, sites, config, args.timeout),
+    }
+    if not args.skip_simulation:
+        result["simulation"] = run_simulation(work, config, args.sites, demo_root, args.timeout)
+    result["host"]["loadavg_end"] = os.getloadavg()[0]
+    result["workdir"] = str(work)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
