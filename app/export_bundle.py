@@ -16,7 +16,6 @@ inference config is written from the run config; the model weights are a plain s
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path

@@ -25,6 +25,7 @@ from data_prep.demo import UNSEEN_SITE, demo_site_names, ensure_demo_site
 from data_prep.site_dataset import load_site_dataset
 from strategies.cross_site import UNSEEN as CROSS_SITE_UNSEEN
 from tasks import LocalTrainingOptions, Task, get_task
+from tasks.data import pooled_site_data
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -77,12 +78,9 @@ def prepare(raw: dict[str, Any]) -> DemoStudy:
 
 def pooled_arm(study: DemoStudy) -> dict[str, Any]:
     """One model on all sites' training cases (the centralised upper reference)."""
-    from importlib import import_module
-
-    pool = import_module(f"tasks.{study.run.task}").pooled_site_data
     t0 = time.perf_counter()
     model = study.task.build_model()
-    study.task.train(model, pool([study.data[s] for s in study.sites]),
+    study.task.train(model, pooled_site_data([study.data[s] for s in study.sites]),
                      LocalTrainingOptions(epochs=study.epochs, seed=study.run.seed))
     scores = study.evaluate_everywhere(model)
     return {"site_dice": {s: scores[s] for s in study.sites}, "mean_dice": study.weighted(scores),

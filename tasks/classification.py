@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,11 +27,10 @@ from monai.transforms import (
 )
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
-from tasks.data import cache_rate_for, seeded_generator
+from tasks.data import SiteData, cache_rate_for, seeded_generator
 from tasks.segmentation import preprocessing
 from tasks.training import train_local
 
@@ -63,33 +61,6 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
         "balanced-accuracy": float(np.mean(recalls)),
         "auc": auc,
     }
-
-
-@dataclass
-class ClassificationSiteData:
-    """A site's cached datasets (``train`` may be a concatenation: pooled baselines)."""
-
-    train: Dataset
-    test: CacheDataset | None
-    num_train_cases: int
-    modality: str
-    random_parts: list = field(default_factory=list)  # datasets whose random transforms to seed
-
-    def reseed(self, seed: int) -> None:
-        """Seed the random transforms of every training part (MONAI Randomizable)."""
-        for offset, part in enumerate(self.random_parts or [self.train]):
-            part.transform.set_random_state(seed=(seed + offset) % (2**32))
-
-
-def pooled_site_data(parts: list[ClassificationSiteData]) -> ClassificationSiteData:
-    """All sites' training cases in one dataset: the centralised (pooled) baseline."""
-    return ClassificationSiteData(
-        train=ConcatDataset([p.train for p in parts]),
-        test=None,
-        num_train_cases=sum(p.num_train_cases for p in parts),
-        modality="mixed",
-        random_parts=[p.train for p in parts],
-    )
 
 
 class ClassificationTask(Task):
@@ -133,7 +104,7 @@ class ClassificationTask(Task):
             + [ResizeWithPadOrCropd(IMAGE, spatial_size=s.classification_size, mode="constant")]
         )
 
-    def prepare_site(self, dataset: SiteDataset) -> ClassificationSiteData:
+    def prepare_site(self, dataset: SiteDataset) -> SiteData:
         if dataset.kind != "classification":
             raise ValueError(
                 f"{dataset.root}: task 'classification' needs class indices, dataset has {dataset.kind} labels"
@@ -165,9 +136,9 @@ class ClassificationTask(Task):
                 test_items, self.inference_transform(dataset.modality),
                 cache_rate=cache_rate_for(dataset.test, s.spacing, budget, channels=1), num_workers=0, progress=False,
             )
-        return ClassificationSiteData(train, test, len(train_items), dataset.modality)
+        return SiteData(train, test, len(train_items), dataset.modality)
 
-    def train(self, model: nn.Module, site_data: ClassificationSiteData, options: LocalTrainingOptions) -> TrainResult:
+    def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         dev = device()
         model.to(dev)
         site_data.reseed(options.seed)
@@ -199,7 +170,7 @@ class ClassificationTask(Task):
         """Class probabilities (B, C) for a preprocessed image batch (``fedimaging predict``)."""
         return torch.softmax(self.predict_logits(model, image), dim=1)
 
-    def evaluate(self, model: nn.Module, site_data: ClassificationSiteData, split: str = "test") -> dict[str, float]:
+    def evaluate(self, model: nn.Module, site_data: SiteData, split: str = "test") -> dict[str, float]:
         dataset = site_data.test if split == "test" else None
         if dataset is None or len(dataset) == 0:
             return {"num-examples": 0}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import Case
 
@@ -66,3 +68,30 @@ class SiteDataCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+@dataclass
+class SiteData:
+    """A site's cached datasets (``train`` may be a concatenation: pooled baselines)."""
+
+    train: Dataset
+    test: Dataset | None
+    num_train_cases: int
+    modality: str
+    random_parts: list = field(default_factory=list)  # datasets whose random transforms to seed
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random transforms of every training part (MONAI Randomizable)."""
+        for offset, part in enumerate(self.random_parts or [self.train]):
+            part.transform.set_random_state(seed=(seed + offset) % (2**32))
+
+
+def pooled_site_data(parts: list[SiteData]) -> SiteData:
+    """All sites' training cases in one dataset: the centralised (pooled) baseline."""
+    return SiteData(
+        train=ConcatDataset([p.train for p in parts]),
+        test=None,
+        num_train_cases=sum(p.num_train_cases for p in parts),
+        modality="mixed",
+        random_parts=[p.train for p in parts],
+    )

@@ -8,8 +8,6 @@ converted to mm for HD95.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +33,10 @@ from monai.transforms import (
     SpatialPadd,
 )
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
-from tasks.data import cache_rate_for, seeded_generator
+from tasks.data import SiteData, cache_rate_for, seeded_generator
 from tasks.training import train_local
 
 KEYS = ("image", "label")
@@ -63,33 +60,6 @@ def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
         intensity_transform(modality, ct_window),
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ]
-
-
-@dataclass
-class SegmentationSiteData:
-    """A site's cached datasets (``train`` may be a concatenation: pooled baselines)."""
-
-    train: Dataset
-    test: CacheDataset | None
-    num_train_cases: int
-    modality: str
-    random_parts: list = field(default_factory=list)  # datasets whose random transforms to seed
-
-    def reseed(self, seed: int) -> None:
-        """Seed the random transforms of every training part (MONAI Randomizable)."""
-        for offset, part in enumerate(self.random_parts or [self.train]):
-            part.transform.set_random_state(seed=(seed + offset) % (2**32))
-
-
-def pooled_site_data(parts: list[SegmentationSiteData]) -> SegmentationSiteData:
-    """All sites' training cases in one dataset: the centralised (pooled) baseline."""
-    return SegmentationSiteData(
-        train=ConcatDataset([p.train for p in parts]),
-        test=None,
-        num_train_cases=sum(p.num_train_cases for p in parts),
-        modality="mixed",
-        random_parts=[p.train for p in parts],
-    )
 
 
 class SegmentationTask(Task):
@@ -118,7 +88,7 @@ class SegmentationTask(Task):
         )
         return model
 
-    def prepare_site(self, dataset: SiteDataset) -> SegmentationSiteData:
+    def prepare_site(self, dataset: SiteDataset) -> SiteData:
         if dataset.kind != "segmentation":
             raise ValueError(f"{dataset.root}: task 'segmentation' needs label maps, dataset has {dataset.kind} labels")
         if max(dataset.labels.values()) >= self.num_classes:
@@ -149,9 +119,9 @@ class SegmentationTask(Task):
                 test_items, Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)),
                 cache_rate=cache_rate_for(dataset.test, s.spacing, budget), num_workers=0, progress=False,
             )
-        return SegmentationSiteData(train, test, len(train_items), dataset.modality)
+        return SiteData(train, test, len(train_items), dataset.modality)
 
-    def train(self, model: nn.Module, site_data: SegmentationSiteData, options: LocalTrainingOptions) -> TrainResult:
+    def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         dev = device()
         model.to(dev)
         site_data.reseed(options.seed)
@@ -181,7 +151,7 @@ class SegmentationTask(Task):
             predictor=model, overlap=self.settings.sw_overlap, mode="gaussian",
         )
 
-    def evaluate(self, model: nn.Module, site_data: SegmentationSiteData, split: str = "test") -> dict[str, float]:
+    def evaluate(self, model: nn.Module, site_data: SiteData, split: str = "test") -> dict[str, float]:
         dataset = site_data.test if split == "test" else None
         if dataset is None or len(dataset) == 0:
             return {"num-examples": 0}

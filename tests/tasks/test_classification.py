@@ -74,7 +74,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
-    from tasks.classification import ClassificationSiteData
+    from tasks.data import SiteData as ClassificationSiteData
 
     task = ClassificationTask(TaskSettings(lr=1e-2, **{**SMALL, "batch_size": 4}), architecture=TINY_NET)
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def test_a_trailing_single_case_batch_is_skipped():
     from monai.data import CacheDataset
     from monai.transforms import Compose
 
-    from tasks.classification import ClassificationSiteData
+    from tasks.data import SiteData as ClassificationSiteData
 
     task = ClassificationTask(TaskSettings(**SMALL), architecture=TINY_NET)
     items = [{"image": torch.randn(1, 32, 32, 32), "label": i % 2} for i in range(5)]
@@ -219,7 +219,7 @@ def test_demo_site_trains_and_evaluates_reproducibly(demo_site):
 
 
 def test_pooled_site_data_trains_on_every_site(demo_site, tmp_path):
-    from tasks.classification import pooled_site_data
+    from tasks.data import pooled_site_data
 
     other = load_site_dataset(write_demo_site(tmp_path / "c", "site-c", seed=4, task="classification", size="small"))
     task = ClassificationTask(TaskSettings(**SMALL), architecture=TINY_NET)

@@ -18,7 +18,8 @@ from scipy import ndimage
 from data_prep.demo import write_demo_site
 from data_prep.site_dataset import load_site_dataset
 from tasks.base import LocalTrainingOptions, TaskSettings
-from tasks.segmentation import SegmentationSiteData, SegmentationTask, preprocessing
+from tasks.data import SiteData as SegmentationSiteData
+from tasks.segmentation import SegmentationTask, preprocessing
 from tasks.training import train_local
 
 TINY = dict(roi_size=(16, 16, 16), channels=(4, 8, 16, 32), batch_size=2, crops_per_case=2)
