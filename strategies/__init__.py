@@ -2,7 +2,7 @@
 
 The ServerApp needs two calls::
 
-    settings = StrategySettings.from_run_config(context.run_config)   # or fill it directly
+    settings = StrategySettings(name=..., num_rounds=..., ...)       # app.server_app.strategy_settings
     strategy = build_strategy(settings, RunDirectory(run_dir), local_param_names)
     result = strategy.run(grid, initial_arrays, train_config=..., evaluate_config=...,
                           evaluate_fn=None)   # resume, rounds, checkpoints, cross-site eval

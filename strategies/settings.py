@@ -1,16 +1,13 @@
 """Strategy settings: one frozen dataclass, parsed once at the edge (DESIGN 4, "config flows once").
 
-The ServerApp fills :class:`StrategySettings` from the run config (``from_run_config`` maps the
-kebab-case run-config keys); everything in ``strategies/`` reads only this object.
+The ServerApp fills :class:`StrategySettings` from its parsed run config
+(``app.server_app.strategy_settings``); everything in ``strategies/`` reads only this object.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 STRATEGY_NAMES = (
     "fedavg",
@@ -110,49 +107,6 @@ class StrategySettings:
         """Direction of ``best_metric`` (loss and hd95 are lower-is-better)."""
         return self.best_metric not in LOWER_IS_BETTER
 
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> StrategySettings:
-        """Build settings from a run config with kebab-case keys (``strategy``, ``num-server-rounds``...).
-
-        Unknown keys are ignored (they belong to other parts of the app); missing keys keep the
-        defaults. Values are converted to the field's type with an error naming the key.
-        """
-        aliases = {"name": "strategy", "num_rounds": "num-server-rounds"}
-        kwargs: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            key = aliases.get(field.name, _key(field.name))
-            if key not in run_config:
-                continue
-            raw = run_config[key]
-            default = field.default
-            try:
-                if isinstance(default, bool):
-                    value: Any = _to_bool(raw)
-                elif isinstance(default, int):
-                    if isinstance(raw, float) and not raw.is_integer():
-                        raise ValueError("not an integer")
-                    value = int(raw)
-                elif isinstance(default, float):
-                    value = float(raw)
-                else:
-                    value = str(raw)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"run config {key}={raw!r}: {exc}") from None
-            kwargs[field.name] = value
-        return cls(**kwargs)
-
 
 def _key(field: str) -> str:
     return field.replace("_", "-")
-
-
-def _to_bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", ""):
-        return False
-    if isinstance(raw, int) and raw in (0, 1):
-        return bool(raw)
-    raise ValueError("expected true or false")

@@ -241,19 +241,26 @@ def test_evaluate_replies_screened(tmp_path):
     assert "node-3" in pending["excluded"]
 
 
-def test_settings_validation_and_run_config_mapping():
-    s = StrategySettings.from_run_config({"strategy": "fedprox", "num-server-rounds": 5, "proximal-mu": 0.1,
-                                          "fraction-train": 0.5, "task": "segmentation", "local-baselines": "true"})
-    assert (s.name, s.num_rounds, s.proximal_mu, s.fraction_train, s.local_baselines) == ("fedprox", 5, 0.1, 0.5, True)
+def test_settings_validation():
     with pytest.raises(ValueError, match="strategy='fedfoo'"):
         StrategySettings(name="fedfoo")
     with pytest.raises(ValueError, match="trim-fraction"):
         StrategySettings(trim_fraction=0.5)
-    with pytest.raises(ValueError, match="num-server-rounds"):
-        StrategySettings.from_run_config({"num-server-rounds": 2.5})
     assert StrategySettings(name="fedadam").effective_server_lr == pytest.approx(1e-2)
     assert StrategySettings(name="fedavg").effective_server_lr == 1.0
     assert not StrategySettings(best_metric="loss").higher_is_better
+
+
+def test_server_app_maps_every_run_config_setting():
+    from app.config import parse_run_config
+    from app.server_app import strategy_settings
+
+    run = parse_run_config({"strategy": "fedprox", "num-server-rounds": 5, "proximal-mu": 0.1,
+                            "fraction-train": 0.5, "local-baselines": "true", "trim-fraction": 0.1})
+    s = strategy_settings(run, "dice", min_sites=3)
+    assert (s.name, s.num_rounds, s.proximal_mu, s.fraction_train, s.local_baselines, s.trim_fraction) == (
+        "fedprox", 5, 0.1, 0.5, True, 0.1)
+    assert s.min_available_sites == 3 and s.best_metric == "dice"
 
 
 def test_run_directory_rejects_relative_path():
