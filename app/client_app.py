@@ -8,6 +8,7 @@ full at the site and reported to the server only as a generic reason.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,7 +24,10 @@ from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
 from tasks import LocalTrainingOptions, Task, get_task
+from tasks.base import device
 from tasks.data import SiteDataCache
+from privacy import DPSettings, DPSiteSession, dataset_id_for
+from tasks.training import make_optimizer
 
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()
@@ -31,6 +35,8 @@ app = ClientApp()
 # Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
 _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}
+# One DP-SGD session per (run, site) for the life of the process: never a new engine per round.
+_DP_SESSIONS: dict[tuple[str, str], DPSiteSession] = {}
 
 
 class SiteDataError(RuntimeError):
@@ -55,6 +61,8 @@ def _runtime(context: Context) -> SiteRuntime:
     site = parse_site_config(context.node_config, run)
     _configure_threads(run)
     settings = run.task_settings()
+    if site.dp_epsilon > 0:  # a site may turn DP on by itself (node config)
+        settings = dataclasses.replace(settings, crops_per_case=1, dp_compatible=True)
     key = (run.task, settings)
     if key not in _TASKS:
         _TASKS[key] = get_task(run.task, settings)
@@ -117,14 +125,29 @@ def train(msg: Message, context: Context) -> Message:
     dataset = _dataset(rt)
     site_data = _site_data(rt, dataset)
 
-    model = rt.task.build_model()
+    if baseline and rt.site.dp_epsilon > 0:
+        # A local-only model trained without DP-SGD would leak what the site's budget protects.
+        return Message(content=_refusal(rt, "local baselines are not trained at a DP site"), reply_to=msg)
     shared = msg.content["arrays"]
+    epochs = int(config.get("local-epochs", rt.run.local_epochs))
+    session = None
+    if rt.site.dp_epsilon > 0 and not baseline:
+        session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs)
+        model = session.module
+    else:
+        model = rt.task.build_model()
     local_names = set(model.state_dict()) - set(shared.keys())
     local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
     _load_global(model, shared, local_state)
+    if session is not None:
+        refusal = session.begin_round(epochs)
+        if refusal is not None:
+            log.warning("Refusing to train: %s", refusal)
+            return Message(content=_refusal(rt, f"privacy-budget: {refusal}", session), reply_to=msg)
 
     options = LocalTrainingOptions(
-        epochs=int(config.get("local-epochs", rt.run.local_epochs)),
+        epochs=epochs,
+        dp=session,
         lr=float(config.get("lr", rt.run.lr)),
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
@@ -136,6 +159,8 @@ def train(msg: Message, context: Context) -> Message:
         options.scaffold_site = store.load_before("scaffold", server_round)
 
     result = rt.task.train(model, site_data, options)
+    if session is not None:
+        result.extra.update(session.end_round())
     state = model.state_dict()
     if local_names and not baseline:
         store.save("fedbn", server_round, {k: state[k] for k in local_names})
@@ -154,6 +179,37 @@ def train(msg: Message, context: Context) -> Message:
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
         reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
     return Message(content=reply, reply_to=msg)
+
+
+def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: str, server_round: int,
+                epochs: int) -> DPSiteSession:
+    """The site's DP-SGD session for this run (created once; the ledger lives in state-dir)."""
+    key = (run_key, rt.site.site_name)
+    if key not in _DP_SESSIONS:
+        node = {"dp-epsilon": rt.site.dp_epsilon, "dp-max-grad-norm": rt.site.dp_max_grad_norm}
+        if rt.site.dp_delta > 0:
+            node["dp-delta"] = rt.site.dp_delta
+        try:
+            settings = DPSettings.from_node_config(node, len(dataset.training))
+        except ValueError as exc:
+            raise SiteDataError(f"site DP settings: {exc}") from None
+        model = rt.task.build_model().to(device())
+        optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
+        _DP_SESSIONS[key] = DPSiteSession(
+            model=model, optimizer=optimizer, train_loader=rt.task.dp_loader(site_data), settings=settings,
+            state_dir=rt.site.state_dir, dataset_id=dataset_id_for(dataset.root), run_id=run_key,
+            rounds=max(1, rt.run.num_server_rounds - server_round + 1), local_epochs=epochs,
+            seed=_round_seed(rt.run, rt.site.site_name, server_round, "dp"),
+        )
+    return _DP_SESSIONS[key]
+
+
+def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None) -> RecordDict:
+    """A reply without model arrays: the site declines this round and says why (no data inside)."""
+    metrics = {"num-examples": 0, "refused": 1}
+    if session is not None:
+        metrics["dp-epsilon-spent"] = float(session.spent())
+    return RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(rt, **{"refused-reason": reason})})
 
 
 @app.evaluate()

@@ -130,6 +130,11 @@ class RunConfig:
         return runs_root(self.home or None) / (self.run_name or default_name)
 
     @property
+    def dp_enabled(self) -> bool:
+        """A DP study: the model is built DP-compatible at the server and every site."""
+        return self.dp_epsilon > 0 or self.dp_required
+
+    @property
     def uses_demo(self) -> bool:
         return not self.data_path_template
 
@@ -140,12 +145,13 @@ class RunConfig:
             batch_size=self.batch_size,
             lr=self.lr,
             optimizer=self.optimizer,
-            crops_per_case=self.crops_per_case,
+            # DP protects a case only if a case contributes one sample per step.
+            crops_per_case=1 if self.dp_enabled else self.crops_per_case,
             ct_window=self.ct_window,
             channels=self.channels,
             num_res_units=self.num_res_units,
             cache_max_mb=self.cache_max_mb,
-            dp_compatible=self.dp_epsilon > 0 or self.dp_required,
+            dp_compatible=self.dp_enabled,
             seed=self.seed,
         )
 

@@ -57,6 +57,7 @@ def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> Strat
         cross_site_every=run.cross_site_every,
         local_baselines=run.local_baselines,
         unseen_site=run.uses_demo and run.cross_site,
+        dp_required=run.dp_required,
     )
 
 

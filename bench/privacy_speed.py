@@ -26,10 +26,10 @@ import time
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.engine import make_dp_compatible
@@ -117,7 +117,7 @@ def bench_variant(variant: str, modes: list[str], size: int, batch: int, steps: 
             runner = make_runner(mode, copy.deepcopy(base), x, y, state_dir, tag=variant)
             runner()  # warm-up (functorch builds its vmapped functions on the first step)
             runners[mode], times[mode], cpu[mode] = runner, [], []
-        except Exception as exc:  # report why a mode cannot run this model
+        except Exception as exc:  # noqa: BLE001 - report why a mode cannot run this model
             errors[mode] = f"{type(exc).__name__}: {exc}"[:300]
     for _ in range(steps):
         for mode, runner in runners.items():

@@ -325,6 +325,9 @@ class FedImagingFedAvg(FedAvg):
             if self.arrayrecord_key not in content.array_records:
                 screened.excluded[site] = f"reply has no '{self.arrayrecord_key}' ArrayRecord"
                 continue
+            if self.settings.dp_required and not validation.has_dp_metadata(metrics):
+                screened.excluded[site] = "no DP metadata (dp-required=true): the site must train with DP-SGD"
+                continue
             arrays = to_numpy(content.array_records[self.arrayrecord_key])
             reason = validation.check_arrays(self._sent, arrays) or self.check_extra(content)
             if reason:

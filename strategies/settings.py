@@ -63,6 +63,7 @@ class StrategySettings:
     cross_site_every: int = 0
     local_baselines: bool = False
     unseen_site: bool = False
+    dp_required: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:

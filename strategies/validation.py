@@ -109,3 +109,11 @@ def compute_norms(
 def _few(keys: list[str], n: int = 3) -> str:
     shown = ", ".join(repr(k) for k in keys[:n])
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+DP_METADATA_KEYS = ("dp-epsilon-spent", "dp-noise-multiplier", "dp-sample-rate")
+
+
+def has_dp_metadata(metrics: Mapping) -> bool:
+    """Whether a train reply says how it was privatised (needed when ``dp-required``)."""
+    return all(key in metrics and metrics[key] is not None for key in DP_METADATA_KEYS)

@@ -98,6 +98,23 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, site_data: Any, split: str = "test") -> dict[str, float]:
         """Metrics of ``model`` on the site's ``split`` cases; includes ``num-examples``."""
 
+    # --- DP-SGD (privacy.DPSiteSession drives the loop; see tasks.training.train_dp) -------------
+    def dp_loader(self, site_data: Any) -> Any:
+        """Plain loader over the training cases (one sample per case); Opacus replaces its sampling."""
+        from monai.data import DataLoader, list_data_collate
+
+        return DataLoader(site_data.train, batch_size=self.settings.batch_size, shuffle=False,
+                          num_workers=0, collate_fn=list_data_collate)
+
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """(inputs, targets) of a training batch, on the training device."""
+        dev = device()
+        return batch["image"].to(dev), batch["label"].to(dev)
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The training loss with one value per sample (shape [B]); nothing may mix samples."""
+        raise NotImplementedError(f"task {self.name!r} has no per-sample loss for DP-SGD")
+
 
 def device() -> torch.device:
     """CUDA when present, CPU otherwise."""

@@ -32,7 +32,7 @@ from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
 from tasks.data import SiteData, cache_rate_for, seeded_generator
 from tasks.segmentation import preprocessing
-from tasks.training import train_local
+from tasks.training import train_dp, train_local
 
 IMAGE = ("image",)
 DENSENET121 = {"init_features": 64, "growth_rate": 32, "block_config": (6, 12, 24, 16)}
@@ -156,9 +156,16 @@ class ClassificationTask(Task):
         def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
             return F.cross_entropy(net(batch["image"].to(dev)), batch["label"].long().to(dev))
 
+        if options.dp is not None:
+            loss, steps, seconds = train_dp(options.dp, options.epochs, self.split_batch, self.per_sample_loss)
+            return TrainResult(site_data.num_train_cases, loss, steps, seconds)
         lr = options.lr if options.lr is not None else self.settings.lr
         loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
         return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per case, for DP-SGD."""
+        return F.cross_entropy(outputs, targets.long().view(-1), reduction="none")
 
     @torch.no_grad()
     def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:

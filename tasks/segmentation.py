@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
@@ -37,7 +37,7 @@ from torch import nn
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
 from tasks.data import SiteData, cache_rate_for, seeded_generator
-from tasks.training import train_local
+from tasks.training import train_dp, train_local
 
 KEYS = ("image", "label")
 
@@ -72,6 +72,7 @@ class SegmentationTask(Task):
         super().__init__(settings)
         self.num_classes = num_classes
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self._dice_per_sample = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.settings.seed)
@@ -136,9 +137,18 @@ class SegmentationTask(Task):
         def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
             return self.loss_fn(net(batch["image"].to(dev)), batch["label"].to(dev))
 
+        if options.dp is not None:
+            loss, steps, seconds = train_dp(options.dp, options.epochs, self.split_batch, self.per_sample_loss)
+            return TrainResult(site_data.num_train_cases, loss, steps, seconds)
         lr = options.lr if options.lr is not None else self.settings.lr
         loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
         return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+
+    def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Dice + cross-entropy per sample (DiceCELoss without batch reduction), for DP-SGD."""
+        dice = self._dice_per_sample(outputs, targets).flatten(1).mean(1)
+        ce = torch.nn.functional.cross_entropy(outputs, targets[:, 0].long(), reduction="none")
+        return dice + ce.flatten(1).mean(1)
 
     @torch.no_grad()
     def predict_logits(self, model: nn.Module, image: torch.Tensor, dev: torch.device | None = None) -> torch.Tensor:

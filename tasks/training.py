@@ -49,10 +49,6 @@ def train_local(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     global_params = trainable_state(model) if (options.proximal_mu > 0 or options.scaffold_server) else None
     optimizer = make_optimizer(optimizer_name, (p for _, p in named), lr)
-    if options.dp is not None:
-        if global_params is not None:
-            raise ValueError("DP-SGD cannot be combined with FedProx/SCAFFOLD gradient terms")
-        model, optimizer, batches = options.dp.wrap(model, optimizer, batches)
     correction = None
     if options.scaffold_server is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in options.scaffold_server.items()}
@@ -83,3 +79,28 @@ def train_local(
             new_c = site_c[k] - options.scaffold_server[k] + (global_params[k] - local[k]).cpu() / (steps * lr)
             delta_c[k] = new_c - site_c[k]
     return total / max(steps, 1), steps, time.perf_counter() - start, delta_c
+
+
+def train_dp(
+    session: Any,
+    epochs: int,
+    split_batch: Callable[[Any], tuple[torch.Tensor, Any]],
+    per_sample_loss: Callable[[torch.Tensor, Any], torch.Tensor],
+) -> tuple[float, int, float]:
+    """DP-SGD epochs through a ``privacy.DPSiteSession`` (already ``begin_round``-ed).
+
+    The session owns the Opacus-wrapped model, optimizer and Poisson-sampling loader; an empty
+    Poisson batch is still a (noise-only) step. Returns (mean loss, steps, seconds).
+    """
+    start = time.perf_counter()
+    session.reset_optimizer_state()  # a fresh optimizer each round, as without DP
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for batch in session.train_loader:
+            if session.is_empty_batch(batch):
+                session.empty_step()
+            else:
+                inputs, targets = split_batch(batch)
+                total += session.step(inputs, targets, per_sample_loss).loss
+            steps += 1
+    return total / max(steps, 1), steps, time.perf_counter() - start

@@ -1,0 +1,354 @@
+"""One DP-SGD session per site per run: Opacus wrapping, budget checks and the ledger, across rounds.
+
+Flower's Opacus example builds a new PrivacyEngine every round (epsilon resets). Here the site
+process creates one :class:`DPSiteSession` when it first trains in a run and keeps it (e.g. in a
+module-level dict keyed by run id inside the ClientApp process, or in the task's site state) for
+all later rounds. Use::
+
+    session = DPSiteSession(model=model, optimizer=opt, train_loader=loader,
+                            settings=DPSettings.from_node_config(node_config, n_cases),
+                            state_dir=state_dir, dataset_id=dataset_id_for(data_path),
+                            run_id=str(run_id), rounds=num_server_rounds, local_epochs=epochs, seed=seed)
+    # every round:
+    session.module.load_state_dict(global_weights)      # the plain nn.Module, in place
+    refusal = session.begin_round()                      # None, or a reason string
+    if refusal: ...reply "refused" with 0 examples...
+    for _ in range(local_epochs):
+        for batch in session.train_loader:               # Poisson-sampled; batch size varies, may be 0
+            if session.is_empty_batch(batch):
+                session.empty_step()                     # still a (noise-only) step: never skip it
+                continue
+            session.step(batch["image"], batch["label"], per_sample_loss)
+    metrics = session.end_round()                        # {"dp-epsilon-spent": ..., ...}
+    weights = session.module.state_dict()
+
+Privacy of the randomness: with ``secure_mode`` off, noise and batch sampling come from seeded
+torch generators. If the server could guess the seed it could subtract the noise, so the seeds are
+derived from a random site secret kept in the state folder (``privacy/noise-secret``, created once),
+the run seed, the run id and the steps already in the ledger: reproducible for a given site state,
+never predictable by the server, never reused across runs (reused noise would cancel out between
+two runs' updates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedimaging.io import atomic_write_bytes
+from privacy.calibrate import BudgetExhausted, calibrate_noise_multiplier, planned_steps
+from privacy.ledger import DEFAULT_MECHANISM, PrivacyLedger, default_delta
+
+GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
+DEFAULT_GRAD_SAMPLE_MODE = "functorch"
+"""Fastest correct Opacus mode for 3D conv nets on CPU (see bench/privacy_speed.py)."""
+
+
+def default_state_dir(data_path: str | os.PathLike) -> Path:
+    """Site-private state folder when ``state-dir`` is not set: ``<data-path>/private/state``."""
+    return Path(data_path) / "private" / "state"
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """A site's DP settings (node config ``dp-epsilon``, ``dp-delta``, ``dp-max-grad-norm``)."""
+
+    epsilon: float
+    delta: float
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    mechanism: str = DEFAULT_MECHANISM
+    max_noise_multiplier: float = 10.0
+    """Refuse to train when the remaining budget needs more noise than this: such updates are
+    nearly pure noise and would only drag the federated average down."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"dp-epsilon must be a positive number, got {self.epsilon!r}")
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta!r}")
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise ValueError(f"dp-max-grad-norm must be positive, got {self.max_grad_norm!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], num_training_cases: int) -> DPSettings | None:
+        """Settings from a site's node config; None when ``dp-epsilon`` is absent or empty (no DP).
+
+        ``dp-delta`` defaults to ``min(1e-5, 1/(10 N))`` for N training cases; a configured delta
+        that is not below 1/N is rejected (it would allow leaking a whole case).
+        """
+        raw_eps = node_config.get("dp-epsilon")
+        if raw_eps in (None, ""):
+            return None
+
+        def number(key: str, value: Any) -> float:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"node config {key} must be a number, got {value!r}") from None
+
+        eps = number("dp-epsilon", raw_eps)
+        raw_delta = node_config.get("dp-delta")
+        delta = default_delta(num_training_cases) if raw_delta in (None, "") else number("dp-delta", raw_delta)
+        if delta >= 1.0 / num_training_cases:
+            raise ValueError(
+                f"node config dp-delta={delta} must be below 1/N = {1.0 / num_training_cases:.3g} "
+                f"(N = {num_training_cases} training cases); leave it unset for min(1e-5, 1/(10N))"
+            )
+        raw_clip = node_config.get("dp-max-grad-norm")
+        clip = 1.0 if raw_clip in (None, "") else number("dp-max-grad-norm", raw_clip)
+        return cls(epsilon=eps, delta=delta, max_grad_norm=clip)
+
+
+class StepResult(NamedTuple):
+    """Mean per-sample loss of the (Poisson) batch, and its size (0 for an empty batch)."""
+
+    loss: float
+    num_samples: int
+
+
+def _site_secret(state_dir: Path) -> bytes:
+    """32 random bytes kept in the site state folder; created on first use (mode 0600)."""
+    path = state_dir / "privacy" / "noise-secret"
+    if not path.exists():
+        try:
+            atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
+        except OSError as exc:
+            raise OSError(f"cannot create the site secret {path}: {exc}") from exc
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise ValueError(f"{path} is damaged (expected 32 bytes); delete it to create a new one")
+    return data
+
+
+def _derive_seed(secret: bytes, *parts: Any) -> int:
+    digest = hashlib.sha256(secret + repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class DPSiteSession:
+    """DP-SGD for one site and one run: wraps model/optimizer/loader once, keeps them across rounds.
+
+    Attributes the training loop uses: ``module`` (the plain nn.Module: load global weights into
+    it with ``load_state_dict``, read ``state_dict()`` from it), ``model`` (the Opacus wrapper to
+    call in training), ``optimizer`` (the DPOptimizer), ``train_loader`` (Poisson sampling).
+    ``noise_multiplier`` and ``sample_rate`` are fixed for the run. ``refusal`` is set when the
+    budget cannot pay for this run at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: DataLoader,
+        settings: DPSettings,
+        state_dir: str | os.PathLike,
+        dataset_id: str,
+        run_id: str,
+        rounds: int,
+        local_epochs: int,
+        seed: int = 0,
+        noise_seed: int | None = None,
+    ):
+        self.settings = settings
+        self.state_dir = Path(state_dir)
+        self.run_id = str(run_id)
+        self.local_epochs = int(local_epochs)
+        self.ledger = PrivacyLedger.load(self.state_dir, dataset_id, settings.mechanism)
+        if noise_seed is None:
+            noise_seed = _derive_seed(_site_secret(self.state_dir), seed, self.run_id, self.ledger.total_steps)
+        device = next(model.parameters()).device  # noise is drawn where the gradients live
+        self._noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
+        sampling_generator = torch.Generator().manual_seed(noise_seed ^ 0x5DEECE66D)
+
+        dp_loader = DPDataLoader.from_data_loader(train_loader, generator=sampling_generator)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG off": intended, see the module docstring
+            engine = PrivacyEngine(accountant=settings.mechanism, secure_mode=False)
+            self.model, self.optimizer, self.train_loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=dp_loader,
+                noise_multiplier=1.0,  # replaced below once the run's steps are known
+                max_grad_norm=settings.max_grad_norm,
+                poisson_sampling=False,  # dp_loader already samples (with our generator)
+                noise_generator=self._noise_generator,
+                grad_sample_mode=settings.grad_sample_mode,
+            )
+        self.model.forbid_grad_accumulation()
+        self.engine = engine
+        # Exactly what make_private hands its accountant hook (Opacus: 1 / len(data_loader)).
+        self.sample_rate = 1.0 / len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader)
+        self.planned_steps = planned_steps(rounds, self.local_epochs, self.steps_per_epoch)
+        self.refusal: str | None = None
+        try:
+            self.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=settings.epsilon,
+                delta=settings.delta,
+                sample_rate=self.sample_rate,
+                steps=self.planned_steps,
+                history=self.ledger.charged_history,
+                mechanism=settings.mechanism,
+            )
+        except BudgetExhausted as exc:
+            self.noise_multiplier = math.inf
+            self.refusal = str(exc)
+        if self.refusal is None and self.noise_multiplier > settings.max_noise_multiplier:
+            self.refusal = (
+                f"privacy budget too small for useful training: epsilon "
+                f"{self.ledger.spent(settings.delta):.3f} of {settings.epsilon:.3f} spent, the "
+                f"{self.planned_steps} planned steps would need noise multiplier "
+                f"{self.noise_multiplier:.1f} > {settings.max_noise_multiplier:g}"
+            )
+        self.optimizer.noise_multiplier = self.noise_multiplier
+        self._reservation: str | None = None
+        self._allowed_steps = 0
+        self._round_start_steps = 0
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def module(self) -> nn.Module:
+        """The plain model inside the Opacus wrapper (same parameter objects).
+
+        Load global weights with ``session.module.load_state_dict(sd)`` (copies in place, so the
+        optimizer and the per-sample hooks stay attached); never replace its Parameters or the
+        model object itself. Its ``state_dict()`` has the plain keys (no ``_module.`` prefix).
+        """
+        return self.model._module
+
+    def reset_optimizer_state(self) -> None:
+        """Forget momentum/Adam moments (e.g. at the start of a round, as a fresh optimizer would)."""
+        self.optimizer.original_optimizer.state.clear()
+
+    # ------------------------------------------------------------------ rounds
+    def _accountant_steps(self) -> int:
+        return sum(int(n) for _, _, n in self.engine.accountant.history)
+
+    def begin_round(self, local_epochs: int | None = None) -> str | None:
+        """Reserve this round's steps in the ledger; returns a refusal reason if they do not fit."""
+        if self._reservation is not None:
+            raise RuntimeError("begin_round called twice without end_round")
+        if self.refusal is not None:
+            return self.refusal
+        epochs = self.local_epochs if local_epochs is None else int(local_epochs)
+        steps = epochs * self.steps_per_epoch
+        reservation = self.ledger.reserve(
+            self.run_id, self.noise_multiplier, self.sample_rate, steps, self.settings.epsilon, self.settings.delta
+        )
+        if reservation is None:
+            spent = self.ledger.spent(self.settings.delta)
+            after = self.ledger.epsilon_if(self.noise_multiplier, self.sample_rate, steps, self.settings.delta)
+            return (
+                f"privacy budget would be exceeded: epsilon spent {spent:.3f}, this round's {steps} steps "
+                f"would bring it to {after:.3f} > budget {self.settings.epsilon:.3f}"
+            )
+        self._reservation = reservation
+        self._allowed_steps = steps
+        self._round_start_steps = self._accountant_steps()
+        return None
+
+    def step(
+        self,
+        inputs: torch.Tensor,
+        targets: Any,
+        per_sample_loss: Callable[[torch.Tensor, Any], torch.Tensor],
+    ) -> StepResult:
+        """One DP-SGD step: per-sample gradients, clipping, noise, optimizer update.
+
+        ``per_sample_loss(outputs, targets)`` must return one loss per sample, shape ``[B]``, with
+        no term that mixes samples (e.g. MONAI DiceLoss(reduction="none") averaged over its
+        non-batch dims, never ``batch=True``). An empty Poisson batch still takes a (pure noise)
+        step: skipping it would change the privacy analysis.
+        """
+        if self._reservation is None:
+            raise RuntimeError("call begin_round() before step()")
+        if self._accountant_steps() - self._round_start_steps >= self._allowed_steps:
+            raise RuntimeError(f"this round was granted {self._allowed_steps} steps; no more allowed")
+        batch = int(inputs.shape[0])
+        if batch == 0:
+            return self.empty_step()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = per_sample_loss(self.model(inputs), targets)
+        if losses.dim() != 1 or losses.shape[0] != batch:
+            raise ValueError(
+                f"per_sample_loss must return one loss per sample (shape [{batch}]), got {tuple(losses.shape)}"
+            )
+        loss = losses.mean()  # Opacus loss_reduction="mean": per-sample grads are rescaled by B
+        with warnings.catch_warnings():
+            # inputs never require grad, so torch notes that full backward hooks fire on outputs
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        self.optimizer.step()
+        return StepResult(float(loss.detach()), batch)
+
+    def empty_step(self) -> StepResult:
+        """The step for an empty Poisson batch: no data, but noise is added and the step counted."""
+        if self._reservation is None:
+            raise RuntimeError("call begin_round() before empty_step()")
+        if self._accountant_steps() - self._round_start_steps >= self._allowed_steps:
+            raise RuntimeError(f"this round was granted {self._allowed_steps} steps; no more allowed")
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.step()
+        return StepResult(0.0, 0)
+
+    @staticmethod
+    def is_empty_batch(batch: Any) -> bool:
+        """True for an empty Poisson batch, whatever its structure (dict, list, tuple, tensor).
+
+        If the very first batch is empty, Opacus yields a list of empty tensors instead of the
+        loader's usual structure (e.g. a dict), so test with this before unpacking.
+        """
+        if torch.is_tensor(batch):
+            return batch.dim() > 0 and batch.shape[0] == 0
+        if isinstance(batch, Mapping):
+            values = list(batch.values())
+        elif isinstance(batch, (list, tuple)):
+            values = list(batch)
+        else:
+            return False
+        if not values:
+            return True
+        return any(DPSiteSession.is_empty_batch(v) for v in values if torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)))
+
+    def end_round(self) -> dict[str, float]:
+        """Settle the round in the ledger (saved to disk); returns the metrics to report.
+
+        ``dp-epsilon-spent`` is the lifetime epsilon of this dataset (all runs), not per round.
+        """
+        if self._reservation is None:
+            raise RuntimeError("end_round called without begin_round")
+        steps = self._accountant_steps() - self._round_start_steps
+        epsilon = self.ledger.settle(self._reservation, steps, self.settings.delta)
+        self._reservation = None
+        return {
+            "dp-epsilon-spent": epsilon,
+            "dp-noise-multiplier": float(self.noise_multiplier),
+            "dp-sample-rate": float(self.sample_rate),
+            "dp-delta": float(self.settings.delta),
+            "dp-steps": float(steps),
+        }
+
+    def spent(self) -> float:
+        """Lifetime epsilon charged to this dataset now (re-read from disk)."""
+        self.ledger.reload()
+        return self.ledger.spent(self.settings.delta)
