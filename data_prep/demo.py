@@ -66,12 +66,12 @@ DEMO_PROFILES: dict[str, ScannerProfile] = {
     ),
     "site-b": ScannerProfile(
         "site-b", "CT", (0.9, 0.9, 3.0), (160, 140, 135), "RAS", 16, 4,
-        scale=1.08, offset=-25.0, noise_sd=22.0, blur_mm=1.4, lesion_contrast=-35.0,
+        scale=1.08, offset=-25.0, noise_sd=22.0, blur_mm=1.4, lesion_contrast=-40.0,
         lesion_radius_mm=(9.0, 17.0), lesion_prevalence=0.65, organ_scale=0.92,
     ),
     "site-c": ScannerProfile(
         "site-c", "CT", (0.8, 0.8, 5.0), (180, 160, 140), "LAS", 5, 3,
-        scale=1.0, offset=20.0, noise_sd=35.0, blur_mm=1.6, lesion_contrast=-32.0,
+        scale=1.0, offset=20.0, noise_sd=35.0, blur_mm=1.6, lesion_contrast=-40.0,
         lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
     ),
     # Optional fourth hospital (demo-sites=4): an MR site, the hardest domain shift.

@@ -166,7 +166,9 @@ class SegmentationTask(Task):
         if dataset is None or len(dataset) == 0:
             return {"num-examples": 0}
         model.to(device())
-        dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+        # ignore_empty (MONAI's default): a class absent from a case's ground truth (a lesion-free
+        # case) does not enter that class's mean; false positives there show up in HD95 and loss.
+        dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
         hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         losses = []
         for item in DataLoader(dataset, batch_size=1, num_workers=0):
@@ -177,13 +179,13 @@ class SegmentationTask(Task):
             truth = one_hot(label.long(), self.num_classes)
             dice(pred, truth)
             hd95(pred, truth, spacing=list(self.settings.spacing))
-        per_class = dice.aggregate().cpu().numpy()
+        per_class = dice.aggregate().cpu().numpy()  # NaN for a class no test case contains
         distances = hd95.aggregate().cpu().numpy()
         finite = distances[np.isfinite(distances)]
         metrics = {
             "num-examples": len(dataset),
             "loss": float(np.mean(losses)),
-            "dice": float(np.mean(per_class)),
+            "dice": float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan,
             "hd95": float(np.mean(finite)) if finite.size else math.nan,
         }
         for index, value in enumerate(per_class, start=1):
