@@ -102,6 +102,7 @@ class RunConfig:
     round_timeout_s: float = 86400.0
     best_metric: str = ""
     cross_site: bool = True
+    tensorboard: bool = False
     torch_threads: int = 0
     spacing: tuple[float, float, float] = TaskSettings.spacing
     roi_size: tuple[int, int, int] = TaskSettings.roi_size

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from app.config import RunConfig, parse_run_config
+from app.tensorboard_log import TensorBoardLog
 from strategies import RunDirectory, StrategySettings, build_strategy
 from tasks import get_task
 
@@ -116,7 +117,15 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     _wait_for_sites(grid, run, min_sites)
     settings = strategy_settings(run, task.best_metric, min_sites)
     strategy = build_strategy(settings, directory, local_names)
-    strategy.on_round_end = _console_printer(settings.best_metric)
+    printer = _console_printer(settings.best_metric)
+    board = TensorBoardLog(run_dir) if run.tensorboard else None
+
+    def on_round_end(server_round: int, records: list[dict]) -> None:
+        printer(server_round, records)
+        if board is not None:
+            board.log_round(server_round, records)
+
+    strategy.on_round_end = on_round_end
     run_key = run_dir.name
     common = {"run-key": run_key}
     strategy.run(
@@ -125,6 +134,8 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
         train_config=ConfigRecord({**common, "local-epochs": run.local_epochs, "lr": run.lr}),
         evaluate_config=ConfigRecord(common),
     )
+    if board is not None:
+        board.close()
     _print_final(directory, settings.best_metric)
     try:
         from app.report import write_report
