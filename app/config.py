@@ -94,6 +94,7 @@ class RunConfig:
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
+    demo: bool = True
     demo_sites: int = 3
     demo_size: str = "standard"
     demo_root: str = ""
@@ -137,7 +138,8 @@ class RunConfig:
 
     @property
     def uses_demo(self) -> bool:
-        return not self.data_path_template
+        """Simulation on the built-in demo federation (not a deployment, not own datasets)."""
+        return self.demo and not self.data_path_template
 
     def task_settings(self) -> TaskSettings:
         return TaskSettings(

@@ -65,9 +65,9 @@ class CountingRelay:
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
             while chunk := src.recv(65536):
-                dst.sendall(chunk)
-                with self._lock:
+                with self._lock:  # count before forwarding: the reply cannot overtake the count
                     setattr(self, direction, getattr(self, direction) + len(chunk))
+                dst.sendall(chunk)
         except OSError:
             pass
         finally:
@@ -93,6 +93,38 @@ def _round_seconds(run_dir: Path) -> list[float]:
     return [per_round[r] for r in sorted(per_round)]
 
 
+def _snapshot_bytes_per_round(run, run_dir: Path, relays: dict, last_phase: str, timeout: float) -> list[dict]:
+    """Relay counters at the end of each round (when its last metrics.jsonl line appears)."""
+    snaps: list[dict] = []
+    seen_rounds: set[int] = set()
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while True:
+        running = run.alive() and time.monotonic() < deadline
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line being appended right now
+                    continue
+                if rec and rec["phase"] == last_phase and rec["round"] >= 1 and rec["round"] not in seen_rounds:
+                    seen_rounds.add(rec["round"])
+                    snaps.append({s: (r.up, r.down) for s, r in relays.items()})
+        if not running:
+            return snaps
+        time.sleep(0.2)
+
+
+def _model_bytes(run_dir: Path) -> int:
+    """Bytes of the model's arrays (what one direction of a round carries, before framing)."""
+    import torch
+
+    state = torch.load(run_dir / "final_model.pt", weights_only=True, map_location="cpu")
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return int(sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel")))
+
+
 def run_deployment(work: Path, sites: dict[str, Path], config: dict, timeout: float) -> dict:
     fed = LoopbackFederation(work / "deployment-run", sites)
     relays: dict[str, CountingRelay] = {}
@@ -106,28 +138,40 @@ def run_deployment(work: Path, sites: dict[str, Path], config: dict, timeout: fl
         for site in sites:
             relays[site] = CountingRelay(("127.0.0.1", fed.port))
             procs[site] = fed.start_site(site, superlink_address=f"127.0.0.1:{relays[site].port}")
-        for site, proc in procs.items():
+        for proc in procs.values():
             fed.wait_for_log(proc, "SuperNode ID", 180)
         idle = {s: (r.up, r.down) for s, r in relays.items()}
         run_dir = work / "deployment-run" / "run"
         t0 = time.monotonic()
         run = fed.run_study({**config, "run-dir": str(run_dir)})
+        last_phase = "evaluate" if float(config.get("fraction-evaluate", 1.0)) > 0 else "train"
+        snapshots = _snapshot_bytes_per_round(run, run_dir, relays, last_phase, timeout)
         rc = run.wait(timeout)
         wall = time.monotonic() - t0
         if rc != 0:
             raise RuntimeError(f"deployment run failed ({rc})\n{fed.logs_tail()}")
         rounds = _round_seconds(run_dir)
-        n = len(rounds)
         fed.stop_memory_sampling()
+        per_round = {}
+        for site in sites:
+            marks = [idle[site]] + [snap[site] for snap in snapshots]
+            per_round[site] = [
+                {"site_to_superlink": b[0] - a[0], "superlink_to_site": b[1] - a[1]}
+                for a, b in zip(marks, marks[1:], strict=False)
+            ]
+        later = {s: rows[1:] or rows for s, rows in per_round.items()}
         return {
-            "seconds_per_round": sum(rounds) / n,
+            "seconds_per_round": sum(rounds) / len(rounds),
             "round_seconds": rounds,
             "wall_seconds_flwr_run": wall,
+            "model_bytes_float32": _model_bytes(run_dir),
             "bytes_per_site_per_round": {
-                s: {"site_to_superlink": (r.up - idle[s][0]) / n, "superlink_to_site": (r.down - idle[s][1]) / n}
-                for s, r in relays.items()
+                s: {k: sum(r[k] for r in rows) / len(rows) for k in ("site_to_superlink", "superlink_to_site")}
+                for s, rows in later.items()
             },
-            "bytes_note": "on the wire (TLS) during the run, incl. heartbeats and FAB download, divided by rounds",
+            "bytes_per_site_by_round": per_round,
+            "bytes_note": "on the wire (TLS records, HTTP, heartbeats) through a relay per site; "
+                          "per-round mean over rounds >= 2 (round 1 also carries the app bundle download)",
             "peak_rss_mb": {p.name: round(p.peak_tree_rss / 2**20, 1) for p in fed.procs if p.name != "flwr-run"},
         }
     finally:
@@ -147,7 +191,7 @@ def run_simulation(work: Path, config: dict, n_sites: int, demo_root: Path, time
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
-    cfg = {**config, "run-dir": str(run_dir), "demo-root": str(demo_root), "demo-sites": n_sites}
+    cfg = {**config, "run-dir": str(run_dir), "demo-root": str(demo_root), "demo-sites": n_sites, "demo": True}
     cmd = ["flwr", "run", str(PROJECT_ROOT), "--stream", "--run-config", format_run_config(cfg),
            "--federation-config", f"num-supernodes={n_sites} client-resources-num-cpus=1"]
     log = work / "simulation.log"
@@ -190,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flwr.common.config import parse_config_args
 
-    config = {**TINY, "num-server-rounds": args.rounds, "min-available-sites": args.sites,
+    config = {**TINY, "num-server-rounds": args.rounds, "min-available-sites": args.sites, "demo": False,
               **parse_config_args([args.run_config] if args.run_config else None)}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,6 @@
+"""Deployment across sites: ``deploy init`` material (CA, certificates, site keys and node configs),
+the site preflight check and a loopback federation used by tests and benchmarks.
+
+Shell scripts (``start-superlink.sh``, ``start-site.sh``, ``register-sites.sh``), Dockerfiles and
+``compose.yaml`` live beside this package; ``README.md`` here explains how they fit together.
+"""

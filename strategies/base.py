@@ -105,6 +105,7 @@ class FedImagingFedAvg(FedAvg):
         self._sent: Arrays = {}
         self._phase_start: dict[str, float] = {}
         self._awaiting: dict[str, list[int]] = {}
+        self._transport_errors: list[str] = []
         self._train_population = 0
         self._evaluate_sent = 0
         self._pending_evaluate: dict[str, Any] | None = None
@@ -261,10 +262,13 @@ class FedImagingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------
     def _note_missing(self, phase: str, replies: list[Message], screened: ScreenResult) -> None:
         """Sampled sites that sent nothing back before the round timeout."""
-        answered = {int(m.metadata.src_node_id) for m in replies}
+        answered = {int(m.metadata.src_node_id) for m in replies if not m.has_error()}
+        answered |= {int(m.metadata.src_node_id) for m in replies if m.has_error()} & set(self._awaiting.get(phase, []))
+        detail = f" ({self._transport_errors[0]})" if self._transport_errors else ""
         for node in self._awaiting.pop(phase, []):
             if node not in answered:
-                screened.excluded[self.node_sites.get(node, f"node-{node}")] = "no reply before the round timeout"
+                screened.excluded[self.node_sites.get(node, f"node-{node}")] = f"no reply before the round timeout{detail}"
+        self._transport_errors = []
 
     def _site_of(self, msg: Message) -> str:
         node = int(msg.metadata.src_node_id)
@@ -292,9 +296,14 @@ class FedImagingFedAvg(FedAvg):
                 site = f"{site}@node-{msg.metadata.src_node_id}"
             seen.add(site)
             if msg.has_error():
-                screened.excluded[site] = validation.short(
-                    f"error reply (code {msg.error.code}): {msg.error.reason}"
-                )
+                reason = validation.short(f"error reply (code {msg.error.code}): {msg.error.reason}")
+                awaited = {n for nodes in self._awaiting.values() for n in nodes}
+                if awaited and int(msg.metadata.src_node_id) not in awaited:
+                    # Sent by Flower itself (e.g. "node unavailable"), not by a site: it explains
+                    # a missing reply, which _note_missing attributes to the site that was asked.
+                    self._transport_errors.append(reason)
+                    continue
+                screened.excluded[site] = reason
                 continue
             metrics = self._metrics_of(msg.content)
             if metrics is not None:

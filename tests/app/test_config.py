@@ -82,3 +82,15 @@ def test_simulation_maps_partitions_to_demo_sites(tmp_path):
     own = parse_run_config({"home": str(tmp_path), "data-path-template": str(tmp_path / "{site}")})
     site = parse_site_config({"partition-id": 1}, own)
     assert site.data_path == tmp_path / "site-1" and not site.is_demo
+
+
+def test_deployed_studies_do_not_use_the_demo(tmp_path):
+    from app.server_app import strategy_settings
+
+    demo = parse_run_config({})
+    deployed = parse_run_config({"demo": False, "min-available-sites": 5})
+    assert demo.uses_demo and not deployed.uses_demo
+    assert strategy_settings(demo, "dice", 3).unseen_site
+    assert not strategy_settings(deployed, "dice", 5).unseen_site
+    site = parse_site_config({"data-path": str(tmp_path)}, demo)  # a data-path always wins
+    assert not site.is_demo

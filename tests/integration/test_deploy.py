@@ -1,0 +1,235 @@
+"""A real deployment on 127.0.0.1: SuperLink + SuperNodes with TLS and SuperNode authentication.
+
+Every process is real (``deploy/start-superlink.sh``, ``deploy/start-site.sh``,
+``deploy/register-sites.sh``, ``flwr run``); nothing of Flower is mocked. Each test has its own
+FLWR_HOME per process and its own FEDIMAGING_HOME (see ``deploy.loopback``), picks free ports, and
+stops every process it started, also on failure. The machine these were written on has 2 shared
+cores and each Flower message starts a fresh ClientApp process (imports torch + MONAI), so a
+round takes 20-60 s there: the tests use a tiny model and few rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from data_prep.demo import write_demo_site
+from deploy.loopback import LoopbackFederation, process_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SITES = ("site-a", "site-b", "site-c")
+# Small and fast: coarse voxels, 16^3 patches, a 2-level U-Net, one epoch, one torch thread.
+TINY = {
+    "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16", "channels": "4,8",
+    "num-res-units": 0, "crops-per-case": 1, "local-epochs": 1, "batch-size": 2, "torch-threads": 1,
+    "cross-site": False, "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Prepared site datasets (as `fedimaging prep` / `demo-data` would leave them)."""
+    root = tmp_path_factory.mktemp("site-data")
+    return {site: write_demo_site(root / site, site, seed=11, size="small") for site in SITES}
+
+
+@pytest.fixture
+def make_federation(tmp_path: Path) -> Iterator:
+    """Factory of loopback federations; every process is stopped at the end, pass or fail."""
+    made: list[LoopbackFederation] = []
+
+    def make(sites: dict[str, Path], **kwargs) -> LoopbackFederation:
+        fed = LoopbackFederation(tmp_path / f"fed{len(made)}", sites, **kwargs)
+        made.append(fed)
+        fed.init()
+        return fed
+
+    try:
+        yield make
+    finally:
+        for fed in made:
+            fed.stop()
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _start_sites(fed: LoopbackFederation, sites) -> None:
+    procs = [fed.start_site(s) for s in sites]
+    for proc in procs:
+        fed.wait_for_log(proc, "SuperNode ID", 120)
+
+
+def _finish(fed: LoopbackFederation, run, timeout: float) -> str:
+    rc = run.wait(timeout)
+    log = run.log()
+    assert rc == 0, f"flwr run exited with {rc}\n{fed.logs_tail()}"
+    return log
+
+
+def test_three_sites_with_tls_and_auth_complete_a_study(make_federation, datasets, tmp_path: Path) -> None:
+    fed = make_federation(datasets)
+    fed.start_superlink()
+    reg = fed.register()
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    assert reg.stdout.count("registered site-") == 3
+    _start_sites(fed, SITES)
+    run_dir = tmp_path / "run"
+    run = fed.run_study({"num-server-rounds": 2, "run-dir": str(run_dir), "min-available-sites": 3, **TINY})
+    log = _finish(fed, run, 900)
+    assert f"Run directory: {run_dir}" in log
+
+    lines = _metrics(run_dir)
+    train = [r for r in lines if r["phase"] == "train"]
+    evaluate = [r for r in lines if r["phase"] == "evaluate"]
+    assert [r["round"] for r in train] == [1, 2] and [r["round"] for r in evaluate] == [1, 2]
+    for r in train:
+        assert set(r["sites"]) == set(SITES) and r["excluded"] == {}
+        for site, m in r["sites"].items():
+            assert m["num-examples"] == len(json.loads((datasets[site] / "dataset.json").read_text())["training"])
+    for r in evaluate:
+        assert set(r["sites"]) == set(SITES)
+        assert all(0.0 <= m["dice"] <= 1.0 for m in r["sites"].values())
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "final_model.pt", "run_config.json"):
+        assert (run_dir / name).is_file(), name
+    # no site's file path (PHI risk) reached the server's outputs
+    outputs = (run_dir / "metrics.jsonl").read_text() + log
+    for path in datasets.values():
+        assert str(path) not in outputs
+    # the study went through the TLS connection written by deploy init, state persisted on disk
+    assert f"Using SuperLink: fedimaging (127.0.0.1:{fed.port})" in log
+    assert (fed.link_dir / "state" / "superlink.db").is_file()
+
+
+def test_unregistered_or_untrusting_supernodes_cannot_join(make_federation, datasets) -> None:
+    sites = {"site-a": datasets["site-a"], "site-b": datasets["site-b"]}
+    fed = make_federation(sites)
+    fed.start_superlink()
+    reg = fed.register(["site-a"])  # site-b's key is never registered
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    again = fed.register(["site-a"])  # idempotent
+    assert again.returncode == 0 and "already registered: site-a" in again.stdout
+
+    good = fed.start_site("site-a")
+    fed.wait_for_log(good, "SuperNode ID", 120)
+    # runtime dependency installation is off in every Flower process we started
+    cmdlines = [_cmdline(pid) for proc in fed.procs for pid in process_tree(proc.popen.pid)]
+    assert any("flower-superlink" in c and "--disable-runtime-dependency-installation" in c for c in cmdlines)
+    assert any("flower-superexec" in c for c in cmdlines)  # the SuperLink's and the SuperNode's
+    assert not any("--allow-runtime-dependency-installation" in c for c in cmdlines)
+    unregistered = fed.start_site("site-b", extra_args=["--max-retries", "2", "--max-wait-time", "30"])
+    # a registered key, but the SuperNode does not trust our CA (system roots only)
+    no_ca = fed.start_site("site-a", name="site-a-without-ca", without_ca=True,
+                           extra_args=["--max-retries", "2", "--max-wait-time", "30"])
+    assert unregistered.wait(120) not in (None, 0), unregistered.log()
+    assert no_ca.wait(120) not in (None, 0), no_ca.log()
+    assert "Failed to activate SuperNode" in unregistered.log()
+    assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log()
+    assert "SuperNode ID" not in unregistered.log() and "SuperNode ID" not in no_ca.log()
+    assert good.alive()
+
+
+def test_clientapp_refuses_a_missing_or_invalid_site_dataset(make_federation, datasets, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-site"
+    shutil.copytree(datasets["site-b"], broken)
+    manifest = broken / "dataset.json"
+    manifest.write_text("{ not json")
+    fed = make_federation({"site-a": datasets["site-a"], "site-b": broken})
+
+    # start-site.sh checks the dataset first and names the wrong file
+    refused = fed.start_site("site-b", name="site-b-preflight")
+    assert refused.wait(120) not in (None, 0)
+    assert f"{manifest} is not valid JSON" in refused.log()
+
+    # started anyway (preflight skipped), the ClientApp refuses to train and the site is excluded
+    fed.start_superlink()
+    assert fed.register().returncode == 0
+    good = fed.start_site("site-a")
+    bad = fed.start_site("site-b", skip_preflight=True)
+    for proc in (good, bad):
+        fed.wait_for_log(proc, "SuperNode ID", 120)
+    run_dir = tmp_path / "run"
+    run = fed.run_study({"num-server-rounds": 1, "run-dir": str(run_dir), "min-available-sites": 2,
+                         "demo": False, "fraction-evaluate": 0.0, **TINY})
+    log = _finish(fed, run, 600)
+    train = [r for r in _metrics(run_dir) if r["phase"] == "train"]
+    assert len(train) == 1
+    assert set(train[0]["sites"]) == {"site-a"}
+    assert len(train[0]["excluded"]) == 1
+    assert "dataset" in json.dumps(train[0]["excluded"])
+    # the site's own log names the file; nothing that leaves the site does
+    assert str(manifest) in bad.log()
+    assert str(broken) not in log and str(broken) not in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_a_site_killed_mid_round_is_excluded_and_the_run_finishes(make_federation, datasets, tmp_path: Path) -> None:
+    fed = make_federation(datasets)
+    fed.start_superlink()
+    assert fed.register().returncode == 0
+    _start_sites(fed, SITES)
+    victim = fed.procs[-1]  # site-c
+    run_dir = tmp_path / "run"
+    run = fed.run_study({"num-server-rounds": 2, "run-dir": str(run_dir), "min-available-sites": 2,
+                         "demo": False, "fraction-evaluate": 0.0, "round-timeout-s": 240.0, **TINY})
+    # round 2 has reached site-c: kill it (and its ClientApp) before it can reply
+    fed.wait_until(lambda: victim.log().count("Receiving: train message") >= 2 or not run.alive(), 600,
+                   "site-c to receive the round-2 train message")
+    assert [r["round"] for r in _metrics(run_dir) if r["phase"] == "train"] == [1]
+    fed.stop(victim, sig_kill=True)
+    killed_at = time.monotonic()
+    _finish(fed, run, 600)
+
+    train = [r for r in _metrics(run_dir) if r["phase"] == "train"]
+    assert [r["round"] for r in train] == [1, 2]
+    assert set(train[0]["sites"]) == set(SITES)
+    assert set(train[1]["sites"]) == {"site-a", "site-b"}
+    assert "site-c" in train[1]["excluded"] or any("node-" in k for k in train[1]["excluded"])
+    assert (run_dir / "final_model.pt").is_file()
+    assert time.monotonic() - killed_at < 400
+
+
+def test_superlink_killed_after_a_round_resumes_from_the_run_directory(
+    make_federation, datasets, tmp_path: Path
+) -> None:
+    sites = {"site-a": datasets["site-a"], "site-b": datasets["site-b"]}
+    fed = make_federation(sites)
+    link = fed.start_superlink()
+    assert fed.register().returncode == 0
+    _start_sites(fed, sites)
+    run_dir = tmp_path / "run"
+    config = {"num-server-rounds": 3, "min-available-sites": 2, "demo": False, "fraction-evaluate": 0.0, **TINY}
+    run = fed.run_study({**config, "run-dir": str(run_dir)})
+    fed.wait_until(lambda: (run_dir / "server_state" / "latest.json").exists() or not run.alive(), 600,
+                   "round 1 to be saved")
+    fed.stop(link, sig_kill=True)  # the SuperLink host crashes (ServerApp and all)
+    fed.stop(run)
+    first = _metrics(run_dir)
+    done = max(r["round"] for r in first)
+    assert 1 <= done < 3
+
+    fed.start_superlink(name="superlink-restarted")  # same database: registrations survive
+    resumed = fed.run_study({**config, "resume-from": str(run_dir)}, name="flwr-run-resume")
+    _finish(fed, resumed, 900)
+    lines = _metrics(run_dir)
+    train = [r for r in lines if r["phase"] == "train"]
+    assert [r["round"] for r in train] == [1, 2, 3]
+    assert [r for r in lines if r["round"] <= done] == [r for r in first if r["round"] <= done]
+    assert (run_dir / "final_model.pt").is_file()
+    assert set(train[-1]["sites"]) == set(sites)
