@@ -160,7 +160,7 @@ def _plan(opts: InitOptions) -> dict[Path, tuple[bytes, int]]:
 
 def _readme(opts: InitOptions) -> str:
     sites = ", ".join(opts.sites)
-    return f"""fedimaging deployment material (see deploy/README.md "Deploy across sites").
+    return f"""fedimaging deployment material (see README.md "Deploy across sites").
 
 ca/                 CA key and certificate. Keep ca.key OFFLINE; it is needed only to
                     re-issue the SuperLink certificate.
