@@ -148,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
-        lr=float(config.get("lr", rt.run.lr)),
+        lr=float(config.get("lr", rt.run.lr)) if baseline else rt.run.round_lr(float(config.get("lr", rt.run.lr)), server_round),
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )

@@ -10,6 +10,7 @@ SuperNode, or ``partition-id`` in simulation). Tasks and strategies never see a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class RunConfig:
     batch_size: int = TaskSettings.batch_size
     lr: float = TaskSettings.lr
     optimizer: str = TaskSettings.optimizer
+    lr_schedule: str = "cosine"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_available_sites: int = 3
@@ -130,6 +132,13 @@ class RunConfig:
         if self.run_dir:
             return Path(self.run_dir).expanduser().resolve()
         return runs_root(self.home or None) / (self.run_name or default_name)
+
+    def round_lr(self, lr: float, server_round: int) -> float:
+        """The site learning rate of a round: ``lr`` decayed over the run (cosine, to 10%)."""
+        if self.lr_schedule == "constant" or self.num_server_rounds <= 1 or server_round < 1:
+            return lr
+        progress = min(1.0, (server_round - 1) / (self.num_server_rounds - 1))
+        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     @property
     def dp_enabled(self) -> bool:
@@ -213,6 +222,7 @@ def _validate(c: RunConfig) -> None:
         (c.batch_size >= 1, "batch-size", ">= 1"),
         (c.lr > 0, "lr", "> 0"),
         (c.optimizer in ("adam", "sgd"), "optimizer", "'adam' or 'sgd'"),
+        (c.lr_schedule in ("cosine", "constant"), "lr-schedule", "'cosine' or 'constant'"),
         (0 < c.fraction_train <= 1, "fraction-train", "in (0, 1]"),
         (0 <= c.fraction_evaluate <= 1, "fraction-evaluate", "in [0, 1]"),
         (c.min_available_sites >= 1, "min-available-sites", ">= 1"),

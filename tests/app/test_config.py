@@ -94,3 +94,13 @@ def test_deployed_studies_do_not_use_the_demo(tmp_path):
     assert not strategy_settings(deployed, "dice", 5).unseen_site
     site = parse_site_config({"data-path": str(tmp_path)}, demo)  # a data-path always wins
     assert not site.is_demo
+
+
+def test_round_learning_rate_decays_from_lr_to_a_tenth():
+    config = parse_run_config({"num-server-rounds": 5, "lr": 0.01})
+    rates = [config.round_lr(0.01, r) for r in range(1, 6)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert rates[2] == pytest.approx(0.0055)  # half-way: 0.1 + 0.9 * 0.5
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = parse_run_config({"lr-schedule": "constant"})
+    assert constant.round_lr(0.01, 7) == 0.01
