@@ -65,7 +65,7 @@ class RunConfig:
 
     task: str = "segmentation"
     strategy: str = "fedavg"
-    num_server_rounds: int = 25
+    num_server_rounds: int = 30
     local_epochs: int = 2
     batch_size: int = TaskSettings.batch_size
     lr: float = TaskSettings.lr
