@@ -34,7 +34,30 @@ def copy_content(content: RecordDict) -> RecordDict:
     return out
 
 
-class LocalGrid(Grid):
+class InProcessGrid(Grid):
+    """The parts of Flower's Grid an in-process transport needs besides ``send_and_receive``."""
+
+    _run = None
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self._run = run
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError(f"{type(self).__name__} only supports send_and_receive")
+
+
+class LocalGrid(InProcessGrid):
     """Nodes 1..N, each a ClientApp with its own Context (node_config, persistent state)."""
 
     def __init__(self, client_app: Any, node_configs: list[Mapping[str, Any]], run_config: Mapping[str, Any],
@@ -45,7 +68,6 @@ class LocalGrid(Grid):
                              run_config=dict(run_config))
             for node_id, cfg in enumerate(node_configs, start=1)
         }
-        self._run = None
         # Messages need a task identity; outside a Flower process nobody has set one.
         if getattr(TaskIdentity, "_run_id", None) is None:
             TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
@@ -65,20 +87,3 @@ class LocalGrid(Grid):
             except Exception as exc:  # the site failed: Flower would send an error reply
                 replies.append(Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return replies
-
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self._run = run
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("LocalGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("LocalGrid only supports send_and_receive")

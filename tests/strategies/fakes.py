@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+
+from bench.local_grid import InProcessGrid, copy_content
 
 Site = Callable[[Message], "RecordDict | Error"]
 
@@ -22,22 +23,7 @@ class Interrupted(RuntimeError):
     """Raised by FakeGrid to simulate the server dying at a given round."""
 
 
-def copy_content(content: RecordDict) -> RecordDict:
-    """Deep copy of a RecordDict (arrays copied), as if it had been serialised."""
-    out = RecordDict()
-    for key, rec in content.items():
-        if isinstance(rec, ArrayRecord):
-            out[key] = ArrayRecord({k: Array(np.array(v.numpy(), copy=True)) for k, v in rec.items()})
-        elif isinstance(rec, MetricRecord):
-            out[key] = MetricRecord(dict(rec))
-        elif isinstance(rec, ConfigRecord):
-            out[key] = ConfigRecord(dict(rec))
-        else:  # pragma: no cover - not used by fedimaging
-            raise TypeError(type(rec))
-    return out
-
-
-class FakeGrid(Grid):
+class FakeGrid(InProcessGrid):
     """Minimal Grid: fixed node ids, synchronous send_and_receive, optional interruption."""
 
     def __init__(self, sites: dict[int, Site], shuffle_seed: int | None = 0,
@@ -47,7 +33,6 @@ class FakeGrid(Grid):
         self.interrupt_at_round = interrupt_at_round
         self.interrupt_phase = interrupt_phase
         self.sent: list[Message] = []
-        self._run = None
 
     # --- Grid API used by the strategies --------------------------------------------------
     def get_node_ids(self) -> Iterable[int]:
@@ -74,24 +59,6 @@ class FakeGrid(Grid):
         if self._shuffle is not None:
             self._shuffle.shuffle(replies)
         return replies
-
-    # --- rest of the abstract surface -------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self._run = run
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("FakeGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("FakeGrid only supports send_and_receive")
 
 
 def train_reply(arrays: dict[str, np.ndarray], num_examples: int, site: str, **metrics: float) -> RecordDict:
