@@ -19,8 +19,8 @@ def demo_ct(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_mr(tmp_path_factory) -> Path:
-    """site-c (MR, stored LAS), size small."""
-    return write_demo_site(tmp_path_factory.mktemp("demo") / "site-c", "site-c", 3, task="segmentation", size="small")
+    """site-d (MR, stored with permuted axes PLS), size small."""
+    return write_demo_site(tmp_path_factory.mktemp("demo") / "site-d", "site-d", 3, task="segmentation", size="small")
 
 
 @pytest.fixture(scope="session")
