@@ -158,7 +158,12 @@ def train(msg: Message, context: Context) -> Message:
         options.scaffold_server = server_c
         options.scaffold_site = store.load_before("scaffold", server_round)
 
-    result = rt.task.train(model, site_data, options)
+    try:
+        result = rt.task.train(model, site_data, options)
+    except BaseException:
+        if session is not None:
+            session.end_round()  # settle the steps actually taken; the next round can begin
+        raise
     if session is not None:
         result.extra.update(session.end_round())
     state = model.state_dict()

@@ -192,6 +192,13 @@ class DPSiteSession:
                 grad_sample_mode=settings.grad_sample_mode,
             )
         self.model.forbid_grad_accumulation()
+        collate = getattr(self.train_loader, "collate_fn", None)
+        if hasattr(collate, "sample_empty_shapes"):
+            # Opacus guesses an empty first batch's structure from dataset[0]; for dictionary
+            # datasets (MONAI) that guess is a list of dicts and torch.zeros fails. Without it an
+            # empty first batch is [], which is_empty_batch() recognises (a noise-only step).
+            collate.sample_empty_shapes = None
+            collate.dtypes = None
         self.engine = engine
         # Exactly what make_private hands its accountant hook (Opacus: 1 / len(data_loader)).
         self.sample_rate = 1.0 / len(self.train_loader)

@@ -240,3 +240,33 @@ def test_settings_from_node_config():
         DPSettings.from_node_config({"dp-epsilon": "lots"}, 20)
     with pytest.raises(ValueError, match="dp-epsilon"):
         DPSettings.from_node_config({"dp-epsilon": -1}, 20)
+
+
+def test_an_empty_first_poisson_batch_of_dictionary_data_is_a_noise_only_step(tmp_path):
+    """MONAI-style dict samples: Opacus cannot guess an empty batch's structure from dataset[0]."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from privacy import DPSettings, DPSiteSession
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return [{"image": torch.full((1, 3), float(i)), "label": torch.tensor([i % 2])}]
+
+    def collate(items):
+        flat = [d for item in items for d in item]
+        return {"image": torch.stack([d["image"] for d in flat]), "label": torch.stack([d["label"] for d in flat])}
+
+    model = nn.Linear(3, 2)
+    session = DPSiteSession(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_loader=DataLoader(Dicts(), batch_size=2, collate_fn=collate),
+        settings=DPSettings(epsilon=8.0, delta=1e-5), state_dir=tmp_path, dataset_id="d", run_id="r",
+        rounds=1, local_epochs=1, noise_seed=1,
+    )
+    assert session.train_loader.collate_fn([]) == []  # first batch empty: recognisable, no crash
+    assert session.is_empty_batch([])
