@@ -148,10 +148,13 @@ def train(msg: Message, context: Context) -> Message:
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
-        lr=float(config.get("lr", rt.run.lr)) if baseline else rt.run.round_lr(float(config.get("lr", rt.run.lr)), server_round),
+        lr=rt.run.round_lr(float(config.get("lr", rt.run.lr)), 0 if baseline else server_round),
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
+    if session is not None:  # the session's optimizer lives across rounds: give it this round's lr
+        for group in session.optimizer.original_optimizer.param_groups:
+            group["lr"] = options.lr
     if "scaffold-c" in msg.content and not baseline:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         server_c = {k: v for k, v in msg.content["scaffold-c"].to_torch_state_dict().items() if k in trainable}
