@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.metrics import compute_roc_auc
 from monai.networks.nets import DenseNet121
 from monai.transforms import (
@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
-from tasks.data import SiteData, cache_rate_for, seeded_generator
+from tasks.data import SiteData, cached_site_data, seeded_generator
 from tasks.segmentation import preprocessing
 from tasks.training import train_dp, train_local
 
@@ -125,18 +125,10 @@ class ClassificationTask(Task):
         ]
         train_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.training]
         test_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.test if c.label is not None]
-        budget = s.cache_max_mb // 2 if test_items else s.cache_max_mb
-        train = CacheDataset(
-            train_items, Compose(train_chain),
-            cache_rate=cache_rate_for(dataset.training, s.spacing, budget, channels=1), num_workers=0, progress=False,
+        return cached_site_data(
+            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
+            self.inference_transform(dataset.modality), s.spacing, s.cache_max_mb, channels=1,
         )
-        test = None
-        if test_items:
-            test = CacheDataset(
-                test_items, self.inference_transform(dataset.modality),
-                cache_rate=cache_rate_for(dataset.test, s.spacing, budget, channels=1), num_workers=0, progress=False,
-            )
-        return SiteData(train, test, len(train_items), dataset.modality)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         dev = device()

@@ -95,3 +95,20 @@ def pooled_site_data(parts: list[SiteData]) -> SiteData:
         modality="mixed",
         random_parts=[p.train for p in parts],
     )
+
+
+def cached_site_data(
+    dataset: Any, modality: str, train_items: list[dict], test_items: list[dict], train_transform: Any,
+    test_transform: Any, spacing, budget_mb: int, channels: int,
+) -> SiteData:
+    """Cache a site's train (and test) cases within ``budget_mb`` (split between the two)."""
+    from monai.data import CacheDataset
+
+    budget = budget_mb // 2 if test_items else budget_mb
+    train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
+                         cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
+    test = None
+    if test_items:
+        test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
+                            cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+    return SiteData(train, test, len(train_items), modality)

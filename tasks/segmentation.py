@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -36,7 +36,7 @@ from torch import nn
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
-from tasks.data import SiteData, cache_rate_for, seeded_generator
+from tasks.data import SiteData, cached_site_data, seeded_generator
 from tasks.training import train_dp, train_local
 
 KEYS = ("image", "label")
@@ -109,18 +109,10 @@ class SegmentationTask(Task):
         ]
         train_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.training]
         test_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.test if c.label is not None]
-        budget = s.cache_max_mb // 2 if test_items else s.cache_max_mb
-        train = CacheDataset(
-            train_items, Compose(train_chain),
-            cache_rate=cache_rate_for(dataset.training, s.spacing, budget), num_workers=0, progress=False,
+        return cached_site_data(
+            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
+            Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)), s.spacing, s.cache_max_mb, channels=2,
         )
-        test = None
-        if test_items:
-            test = CacheDataset(
-                test_items, Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)),
-                cache_rate=cache_rate_for(dataset.test, s.spacing, budget), num_workers=0, progress=False,
-            )
-        return SiteData(train, test, len(train_items), dataset.modality)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         dev = device()
