@@ -16,17 +16,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
+from privacy import DPSettings, DPSiteSession, dataset_id_for
+from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks.base import device
 from tasks.data import SiteDataCache
-from privacy import DPSettings, DPSiteSession, dataset_id_for
 from tasks.training import make_optimizer
 
 log = logging.getLogger("fedimaging.site")
@@ -113,7 +121,7 @@ def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
     return ConfigRecord({"site-name": rt.site.site_name, **extra})
 
 
-@app.train()
+@app.train(mods=[site_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
     rt = _runtime(context)

@@ -96,6 +96,11 @@ class RunConfig:
     dp_epsilon: float = 0.0
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
+    central_dp: str = "off"
+    central_dp_noise_multiplier: float = 1.0
+    central_dp_clipping_norm: float = 1.0
+    central_dp_delta: float = 1e-5
+    central_dp_sites: int = 0
     demo: bool = True
     demo_sites: int = 3
     demo_size: str = "standard"
@@ -163,7 +168,8 @@ class RunConfig:
             channels=self.channels,
             num_res_units=self.num_res_units,
             cache_max_mb=self.cache_max_mb,
-            dp_compatible=self.dp_enabled,
+            # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
+            dp_compatible=self.dp_enabled or self.central_dp != "off",
             seed=self.seed,
         )
 
@@ -232,6 +238,13 @@ def _validate(c: RunConfig) -> None:
         (c.demo_size in ("standard", "small"), "demo-size", "'standard' or 'small'"),
         (1 <= c.demo_sites <= 4, "demo-sites", "between 1 and 4"),
         (c.dp_epsilon >= 0, "dp-epsilon", ">= 0 (0 = no DP)"),
+        (c.central_dp in ("off", "server-side", "client-side"), "central-dp", "'off', 'server-side' or 'client-side'"),
+        (c.central_dp == "off" or c.strategy in ("fedavg", "fedprox"), "central-dp",
+         "'off' unless strategy is fedavg or fedprox (its noise is calibrated for a plain mean)"),
+        (c.central_dp_noise_multiplier > 0, "central-dp-noise-multiplier", "> 0"),
+        (c.central_dp_clipping_norm > 0, "central-dp-clipping-norm", "> 0"),
+        (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
+        (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
         (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",

@@ -59,6 +59,11 @@ def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> Strat
         local_baselines=run.local_baselines,
         unseen_site=run.uses_demo and run.cross_site,
         dp_required=run.dp_required,
+        central_dp=run.central_dp,
+        central_dp_noise_multiplier=run.central_dp_noise_multiplier,
+        central_dp_clipping_norm=run.central_dp_clipping_norm,
+        central_dp_delta=run.central_dp_delta,
+        central_dp_sites=run.central_dp_sites,
     )
 
 

@@ -10,6 +10,7 @@ The ServerApp needs two calls::
 
 from __future__ import annotations
 
+from . import central_dp
 from .base import FedImagingFedAvg, SiteUpdate
 from .fedbn import FedImagingFedBN
 from .fedopt import FedImagingFedAdam, FedImagingFedYogi
@@ -41,7 +42,10 @@ def build_strategy(
 ) -> FedImagingStrategy:
     """The strategy named by ``settings.name``; ``local_param_names`` only matter for FedBN."""
     cls = STRATEGIES[settings.name]
-    return cls(settings, run_dir, frozenset(local_param_names) if settings.name == "fedbn" else frozenset())
+    strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.name == "fedbn" else frozenset())
+    if settings.central_dp != "off":
+        strategy.driver = central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds
+    return strategy
 
 
 __all__ = [

@@ -56,6 +56,25 @@ def weighted_mean(arrays_list: Sequence[Mapping[str, np.ndarray]], weights: Sequ
     return out
 
 
+def fixed_denominator_mean(current: Mapping[str, np.ndarray], arrays_list: Sequence[Mapping[str, np.ndarray]],
+                           denominator: int) -> Arrays:
+    """``current + sum(arrays_i - current) / denominator`` (DP-FedAvg's uniform, fixed-n estimator).
+
+    One site changes the result by at most its update / ``denominator``, however many sites
+    answered: the sensitivity central DP's noise is calibrated for.
+    """
+    if denominator < len(arrays_list) or denominator < 1:
+        raise ValueError(f"denominator {denominator} is smaller than the {len(arrays_list)} updates")
+    out: Arrays = {}
+    for key, ref in current.items():
+        base = np.asarray(ref, dtype=np.float64)
+        acc = np.zeros_like(base)
+        for arrays in arrays_list:
+            acc += np.asarray(arrays[key], dtype=np.float64) - base
+        out[key] = cast_like(base + acc / denominator, np.asarray(ref))
+    return out
+
+
 def coordinate_median(arrays_list: Sequence[Mapping[str, np.ndarray]]) -> Arrays:
     """Element-wise median across sites (FedMedian, Yin et al. 2018)."""
     first = arrays_list[0]

@@ -29,13 +29,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from . import validation
-from .aggregation import Arrays, clip_update, server_step, weighted_mean
+from .aggregation import (
+    Arrays,
+    clip_update,
+    fixed_denominator_mean,
+    server_step,
+    weighted_mean,
+)
+from .central_dp import epsilon_spent, new_noise_secret
 from .metrics import WEIGHT_KEY, to_plain, weighted_site_mean
 from .run_dir import RunDirectory, load_server_state
 from .settings import StrategySettings
@@ -116,6 +131,12 @@ class FedImagingFedAvg(FedAvg):
         self.num_rounds = settings.num_rounds
         # Called with (round, that round's metrics.jsonl records) after each round (console table).
         self.on_round_end: Callable[[int, list[dict[str, Any]]], None] | None = None
+        # The object whose Strategy.start drives the rounds: this strategy, or Flower's central DP
+        # wrapper around it (strategies.central_dp; set by build_strategy).
+        self.driver: Any = self
+        self.central_dp_secret = new_noise_secret() if settings.central_dp != "off" else ""
+        self.central_dp_releases = 0
+        self._set_aside: list[Message] = []
 
     # ------------------------------------------------------------------------------------
     # Hooks for the variants (each variant overrides one of these)
@@ -158,6 +179,15 @@ class FedImagingFedAvg(FedAvg):
             log(INFO, "\t│\t├── site-local parameters: %d", len(self.local_param_names))
         super().summary()
 
+    @property
+    def sent_arrays(self) -> Arrays:
+        """The shared arrays sent for training this round (what replies are checked against)."""
+        return self._sent
+
+    def set_aside_replies(self, msgs: list[Message]) -> None:
+        """Replies a wrapper kept from aggregation; the next ``aggregate_train`` screens them."""
+        self._set_aside = list(msgs)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -184,7 +214,8 @@ class FedImagingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self._round(server_round)
-        replies = list(replies)
+        replies = list(replies) + self._set_aside
+        self._set_aside = []
         screened = self.screen_train_replies(replies)
         self._note_missing("train", replies, screened)
         clipped, norms = self._apply_norm_bound(screened)
@@ -192,7 +223,12 @@ class FedImagingFedAvg(FedAvg):
         arrays_out: ArrayRecord | None = None
         if screened.accepted:
             shared = {k: current[k] for k in self._sent}
-            new_shared = self.aggregate_arrays(rnd, shared, screened.accepted)
+            if self.settings.central_dp != "off":
+                # More sites than planned only lowers each one's weight (noise stays sufficient).
+                n = max(self.settings.central_dp_denominator, len(screened.accepted))
+                new_shared = fixed_denominator_mean(shared, [u.arrays for u in screened.accepted], n)
+            else:
+                new_shared = self.aggregate_arrays(rnd, shared, screened.accepted)
             self.global_arrays = {k: new_shared.get(k, v) for k, v in current.items()}
             arrays_out = to_record(self.global_arrays)
         else:
@@ -214,6 +250,8 @@ class FedImagingFedAvg(FedAvg):
         }
         if clipped:
             line["clipped"] = clipped
+        if self.settings.central_dp != "off":
+            line["central-dp"] = self._central_dp_release(arrays_out is not None)
         self.run_dir.append_metrics(line)
         self.history["train"][rnd] = aggregate
         return arrays_out, (MetricRecord(aggregate) if aggregate else None)
@@ -451,7 +489,9 @@ class FedImagingFedAvg(FedAvg):
         """Extra end-of-round work (periodic cross-site evaluation); before the state is saved."""
         every = self.settings.cross_site_every
         if every and server_round % every == 0 and server_round < self.num_rounds and self._grid:
-            from .cross_site import run_cross_site  # local import: cross_site imports base
+            from .cross_site import (
+                run_cross_site,  # local import: cross_site imports base
+            )
 
             run_cross_site(self, self._grid, final=False, server_round=server_round)
 
@@ -477,6 +517,22 @@ class FedImagingFedAvg(FedAvg):
             self.run_dir.save_checkpoint("best", self.global_arrays)
             log(INFO, "New best %s=%.4f at round %d", self.settings.best_metric, value, rnd)
 
+    def _central_dp_release(self, released: bool) -> dict[str, Any]:
+        """Count a noisy release (Flower's wrapper adds the noise to what we return) and report."""
+        s = self.settings
+        if released:
+            self.central_dp_releases += 1
+        return {
+            "mode": s.central_dp,
+            "noise-multiplier": s.central_dp_noise_multiplier,
+            "clipping-norm": s.central_dp_clipping_norm,
+            "sites-denominator": s.central_dp_denominator,
+            "noise-std": s.central_dp_noise_multiplier * s.central_dp_clipping_norm / s.central_dp_denominator,
+            "releases": self.central_dp_releases,
+            "delta": s.central_dp_delta,
+            "epsilon": epsilon_spent(s.central_dp_noise_multiplier, self.central_dp_releases, s.central_dp_delta),
+        }
+
     def extra_state(self) -> dict[str, Any]:
         """JSON state of a variant (besides arrays)."""
         return {}
@@ -499,6 +555,7 @@ class FedImagingFedAvg(FedAvg):
             "best": self.best,
             "history": {phase: {str(r): m for r, m in rows.items()} for phase, rows in self.history.items()},
             "extra": self.extra_state(),
+            "central-dp": {"secret": self.central_dp_secret, "releases": self.central_dp_releases},
         }
         self.run_dir.save_server_state(rnd, arrays, state)
 
@@ -535,6 +592,12 @@ class FedImagingFedAvg(FedAvg):
         own = ("global", "initial", "best-checkpoint")
         self.restore_server_state_arrays({k: v for k, v in arrays.items() if k not in own})
         self.restore_extra_state(state.get("extra", {}))
+        if self.settings.central_dp != "off":
+            central = state.get("central-dp") or {}
+            if not central.get("secret"):
+                raise ValueError(f"resume-from={str(root)!r} was not a central-DP run; cannot add central DP now")
+            self.central_dp_secret = str(central["secret"])
+            self.central_dp_releases = int(central.get("releases", 0))
         self.round_offset = rnd
         return rnd
 
@@ -588,7 +651,7 @@ class FedImagingFedAvg(FedAvg):
             start_arrays = initial_arrays
         remaining = num_rounds - done
         if remaining > 0:
-            self.start(
+            self.driver.start(
                 grid=grid,
                 initial_arrays=start_arrays,
                 num_rounds=remaining,
@@ -637,6 +700,13 @@ class FedImagingFedAvg(FedAvg):
         unknown = sorted(self.local_param_names - set(arrays))
         if unknown:
             raise ValueError(f"site-local parameter names not in the model: {unknown[:5]}")
+        if self.settings.central_dp != "off":
+            integer = sorted(k for k, v in arrays.items() if not np.issubdtype(np.asarray(v).dtype, np.floating))
+            if integer:
+                raise ValueError(
+                    f"central-dp={self.settings.central_dp!r} clips and noises every array, but the model has "
+                    f"non-float arrays {integer[:3]}: build it DP-compatible (no BatchNorm)"
+                )
 
     def _check_resume_model(self, initial_arrays: ArrayRecord) -> None:
         assert self.global_arrays is not None

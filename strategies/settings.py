@@ -23,6 +23,13 @@ STRATEGY_NAMES = (
 # Metrics where a smaller value is better; any other best-metric is "higher is better".
 LOWER_IS_BETTER = frozenset({"loss", "hd95"})
 
+# Central (user-level) DP modes: Flower's fixed-clipping wrappers (see strategies.central_dp).
+CENTRAL_DP_MODES = ("off", "server-side", "client-side")
+# Strategies whose aggregate is a plain mean of the sites' models, the quantity the wrappers'
+# noise is calibrated for (median, trimmed mean, a server optimizer, SCAFFOLD's extra arrays
+# and FedBN's site-local layers are not).
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+
 # Server learning rate used when ``server_lr`` is 0 ("strategy default").
 DEFAULT_SERVER_LR = {"fedadam": 1e-2, "fedyogi": 1e-2}
 
@@ -64,6 +71,11 @@ class StrategySettings:
     local_baselines: bool = False
     unseen_site: bool = False
     dp_required: bool = False
+    central_dp: str = "off"
+    central_dp_noise_multiplier: float = 1.0
+    central_dp_clipping_norm: float = 1.0
+    central_dp_delta: float = 1e-5
+    central_dp_sites: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:
@@ -93,8 +105,42 @@ class StrategySettings:
             raise ValueError(
                 f"update-norm-action={self.update_norm_action!r} must be 'reject' or 'clip'"
             )
+        self._check_central_dp()
         if not self.best_metric:
             raise ValueError("best-metric must name a metric, e.g. 'dice' or 'auc'")
+
+    def _check_central_dp(self) -> None:
+        if self.central_dp not in CENTRAL_DP_MODES:
+            raise ValueError(f"central-dp={self.central_dp!r} must be one of {', '.join(CENTRAL_DP_MODES)}")
+        if self.central_dp == "off":
+            return
+        if self.name not in CENTRAL_DP_STRATEGIES:
+            raise ValueError(
+                f"central-dp={self.central_dp!r} needs strategy fedavg or fedprox, not {self.name!r}: "
+                "the noise is calibrated for a plain mean of clipped updates"
+            )
+        if self.effective_server_lr != 1.0:
+            raise ValueError(f"central-dp needs server-lr 0 or 1 (plain averaging), got {self.server_lr}")
+        z, c, d = self.central_dp_noise_multiplier, self.central_dp_clipping_norm, self.central_dp_delta
+        if not (math.isfinite(z) and z > 0):
+            raise ValueError(f"central-dp-noise-multiplier={z} must be > 0 (no noise is no privacy)")
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"central-dp-clipping-norm={c} must be > 0")
+        if not 0 < d < 1:
+            raise ValueError(f"central-dp-delta={d} must be in (0, 1)")
+        if self.central_dp_sites < 0:
+            raise ValueError(f"central-dp-sites={self.central_dp_sites} must be >= 0")
+
+    @property
+    def central_dp_denominator(self) -> int:
+        """Sites per round the noise is calibrated for (DP-FedAvg's fixed denominator).
+
+        ``central-dp-sites``, else what the sampler picks from ``min-available-sites`` sites.
+        """
+        if self.central_dp_sites:
+            return self.central_dp_sites
+        population = max(1, self.min_available_sites)
+        return min(population, max(int(population * self.fraction_train), self.min_train_sites, 1))
 
     @property
     def effective_server_lr(self) -> float:
