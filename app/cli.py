@@ -25,7 +25,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def demo_data_main(argv: list[str] | None = None) -> int:
-    """``fedimaging demo-data OUTPUT_DIR [--sites N] [--seed S] [--task T] [--size S]``."""
+    """``fedimaging demo-data OUTPUT_DIR [--sites N] [--seed S] [--task T] [--size S]``.
+
+    Each site is written as DICOM series and converted by ``fedimaging prep`` (the path a real
+    site takes); ``--keep-dicom`` keeps that DICOM under ``OUTPUT_DIR/dicom/<site>/``.
+    """
+    import os
+
     from data_prep.demo import UNSEEN_SITE, demo_site_names, write_demo_site
 
     parser = argparse.ArgumentParser(prog="fedimaging demo-data", description=demo_data_main.__doc__)
@@ -35,16 +41,29 @@ def demo_data_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("segmentation", "classification"), default="segmentation")
     parser.add_argument("--size", choices=("standard", "small"), default="standard")
     parser.add_argument("--no-unseen", action="store_true", help="skip the evaluation-only unseen site")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="prep worker processes (default: min(4, CPUs))")
+    parser.add_argument("--keep-dicom", action="store_true",
+                        help="keep each site's DICOM and label maps in OUTPUT_DIR/dicom/<site>/ "
+                             "(images/ and labels/, the input 'fedimaging prep' converted)")
     args = parser.parse_args(argv)
     try:
         names = demo_site_names(args.sites)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if not args.no_unseen:
         names.append(UNSEEN_SITE)
     for name in names:
-        path = write_demo_site(args.output_dir / name, name, args.seed, args.task, args.size)
-        print(f"{name}: {path}")
+        keep = args.output_dir / "dicom" / name if args.keep_dicom else None
+        existed = (args.output_dir / name / "dataset.json").is_file()
+        path = write_demo_site(args.output_dir / name, name, args.seed, args.task, args.size,
+                               workers=args.workers, keep_dicom=keep)
+        note = " (already there, kept as it was)" if existed else ""
+        if keep is not None and not existed:
+            note = f" (DICOM in {keep})"
+        print(f"{name}: {path}{note}")
     return 0
 
 

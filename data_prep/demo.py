@@ -12,15 +12,24 @@ comparisons mean something:
   storage orientation, lesion contrast, size and prevalence, and case counts (imbalanced);
 * one extra site (``site-unseen``) with its own scanner exists only for generalization tests.
 
+A site reaches its dataset through the real path (:mod:`data_prep.demo_dicom`): each case is
+written as the DICOM series its scanner would export (own manufacturer and model, slice plane
+and order, int16 with rescale, some sites RLE or JPEG 2000 lossless) plus a NIfTI label map,
+and ``prep`` converts that tree. The prepped voxels equal the generated ones; the NIfTI storage
+order is prep's (third axis along the DICOM slice normal, as dcm2niix), so e.g. an 'LAS'
+volume comes back 'LAI': the same voxels in the same RAS positions.
+
 Every case is generated from ``numpy.random.default_rng([seed, site, case])``: the same seed
-gives byte-identical data regardless of the order in which sites are generated. Sites are
-written with :func:`fedimaging.io.atomic_directory`, so simulated sites generating in
-parallel never see half-written data.
+gives identical voxels, labels and case names regardless of the order in which sites are
+generated. Sites are written with :func:`fedimaging.io.atomic_directory`, so simulated sites
+generating in parallel never see half-written data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +37,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from data_prep import demo_dicom
 from data_prep.site_dataset import write_dataset_json
 from fedimaging.io import atomic_directory
 
-GENERATOR_VERSION = "v1"
+GENERATOR_VERSION = "v2"  # v2: written as DICOM and prepped; site-b coronal; MR stored as integers
 SEGMENTATION_LABELS = {"background": 0, "organ": 1, "lesion": 2}
 CLASSIFICATION_LABELS = {"no-lesion": 0, "lesion": 1}
 UNSEEN_SITE = "site-unseen"
@@ -56,6 +66,9 @@ class ScannerProfile:
     lesion_radius_mm: tuple[float, float]
     lesion_prevalence: float
     organ_scale: float = 1.0  # population difference in organ size
+    manufacturer: str = "SYNTHETIC"  # DICOM Manufacturer / ManufacturerModelName of the site's scanner
+    model: str = "DEMO"
+    transfer_syntax: str = "explicit"  # how its DICOM is stored: explicit | rle | jpeg2000 (lossless)
 
 
 DEMO_PROFILES: dict[str, ScannerProfile] = {
@@ -63,27 +76,33 @@ DEMO_PROFILES: dict[str, ScannerProfile] = {
         "site-a", "CT", (1.25, 1.25, 2.5), (170, 150, 140), "LPS", 32, 8,
         scale=1.0, offset=0.0, noise_sd=12.0, blur_mm=0.8, lesion_contrast=-45.0,
         lesion_radius_mm=(10.0, 20.0), lesion_prevalence=0.75,
+        manufacturer="GE MEDICAL SYSTEMS", model="LightSpeed VCT",
     ),
+    # Coronal slices (left-right x superior-inferior, stacked anterior to posterior), RLE compressed.
     "site-b": ScannerProfile(
-        "site-b", "CT", (0.9, 0.9, 3.0), (160, 140, 135), "RAS", 16, 4,
+        "site-b", "CT", (0.9, 0.9, 3.0), (160, 135, 140), "LIP", 16, 4,
         scale=1.08, offset=-25.0, noise_sd=22.0, blur_mm=1.4, lesion_contrast=-40.0,
         lesion_radius_mm=(9.0, 17.0), lesion_prevalence=0.65, organ_scale=0.92,
+        manufacturer="SIEMENS", model="SOMATOM Definition AS", transfer_syntax="rle",
     ),
     "site-c": ScannerProfile(
         "site-c", "CT", (0.8, 0.8, 5.0), (180, 160, 140), "LAS", 5, 3,
         scale=1.0, offset=20.0, noise_sd=35.0, blur_mm=1.6, lesion_contrast=-40.0,
         lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
+        manufacturer="Philips", model="Brilliance 64", transfer_syntax="jpeg2000",
     ),
     # Optional fourth hospital (demo-sites=4): an MR site, the hardest domain shift.
     "site-d": ScannerProfile(
         "site-d", "MR", (1.5, 1.5, 4.0), (160, 180, 140), "PLS", 12, 4,
         scale=1.0, offset=0.0, noise_sd=25.0, blur_mm=1.8, lesion_contrast=0.45,
         lesion_radius_mm=(12.0, 22.0), lesion_prevalence=0.8, organ_scale=1.08,
+        manufacturer="Hitachi Medical Corporation", model="ECHELON OVAL",
     ),
     UNSEEN_SITE: ScannerProfile(
         UNSEEN_SITE, "CT", (1.1, 1.1, 2.0), (165, 145, 130), "LPI", 0, 10,
         scale=0.95, offset=15.0, noise_sd=18.0, blur_mm=1.1, lesion_contrast=-40.0,
         lesion_radius_mm=(9.0, 19.0), lesion_prevalence=0.7, organ_scale=1.0,
+        manufacturer="TOSHIBA", model="Aquilion ONE",
     ),
 }
 
@@ -147,7 +166,10 @@ def _ellipsoid(xyz, centre, radii) -> np.ndarray:
 def synthesize_case(
     profile: ScannerProfile, rng: np.random.Generator, with_lesion: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (image, label, affine) for one case of ``profile``; label 1 organ, 2 lesion."""
+    """Return (image, label, affine) for one case of ``profile``; label 1 organ, 2 lesion.
+
+    The image is int16 as the scanner stores it: CT in HU (truncated), MR rounded to integers.
+    """
     shape = tuple(int(round(f / s)) for f, s in zip(profile.fov_mm, profile.spacing))
     affine = _orientation_affine(profile, shape)
     ijk = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
@@ -207,21 +229,12 @@ def synthesize_case(
     image = profile.scale * image + profile.offset
     image += rng.normal(0.0, profile.noise_sd, shape).astype(np.float32)
     if profile.modality == "MR":
-        image = np.clip(image, 0, None)
+        image = np.round(np.clip(image, 0, None))
 
     label = np.zeros(shape, dtype=np.uint8)
     label[organ] = 1
     label[lesion] = 2
-    dtype = np.int16 if profile.modality == "CT" else np.float32
-    return image.astype(dtype), label, affine
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = b"fedimaging synthetic demo"
-    nib.save(img, str(path))
+    return image.astype(np.int16), label, affine
 
 
 def demo_site_path(root: str | os.PathLike, seed: int, task: str, site: str, size: str) -> Path:
@@ -229,10 +242,26 @@ def demo_site_path(root: str | os.PathLike, seed: int, task: str, site: str, siz
     return Path(root) / GENERATOR_VERSION / f"seed-{seed}" / size / task / site
 
 
+def _class_labels(root: Path, dataset: dict) -> dict:
+    """The classification variant: each case's label map becomes its class (lesion present)."""
+    for split in ("training", "test"):
+        for entry in dataset[split]:
+            label = np.asanyarray(nib.load(str(root / entry["label"])).dataobj)
+            entry["label"] = CLASSIFICATION_LABELS["lesion" if (label == 2).any() else "no-lesion"]
+    for folder in ("labelsTr", "labelsTs"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+    return dataset
+
+
 def write_demo_site(
-    out_dir: str | os.PathLike, site: str, seed: int, task: str = "segmentation", size: str = "standard"
+    out_dir: str | os.PathLike, site: str, seed: int, task: str = "segmentation", size: str = "standard",
+    workers: int = 1, keep_dicom: str | os.PathLike | None = None,
 ) -> Path:
-    """Generate one demo site dataset into ``out_dir`` (atomically; no-op if it exists)."""
+    """Generate one demo site dataset into ``out_dir`` (atomically; no-op if it exists).
+
+    The cases are written as DICOM into a temporary staging folder and converted by ``prep``
+    (``workers`` processes); ``keep_dicom`` keeps that DICOM tree (``images/`` + ``labels/``).
+    """
     if site not in DEMO_PROFILES:
         raise ValueError(f"unknown demo site {site!r}; known: {sorted(DEMO_PROFILES)}")
     if task not in ("segmentation", "classification"):
@@ -242,33 +271,34 @@ def write_demo_site(
         return out_dir
     profile = scaled_profile(DEMO_PROFILES[site], size)
     site_index = list(DEMO_PROFILES).index(site)
-    with atomic_directory(out_dir) as tmp:
-        lists: dict[str, list[dict]] = {"training": [], "test": []}
-        n_total = profile.n_train + profile.n_test
-        for case_index in range(n_total):
+    with atomic_directory(out_dir) as tmp, demo_dicom.staging_folder(out_dir, keep_dicom) as staging:
+        mapping: dict[str, dict] = {}
+        for case_index in range(profile.n_train + profile.n_test):
             rng = np.random.default_rng([seed, site_index, case_index])
             with_lesion = bool(rng.random() < profile.lesion_prevalence)
             image, label, affine = synthesize_case(profile, rng, with_lesion)
-            split = "Tr" if case_index < profile.n_train else "Ts"
             case = f"{site.replace('-', '')}_{case_index:03d}"
-            (tmp / f"images{split}").mkdir(exist_ok=True)
-            _save_nifti(image, affine, tmp / f"images{split}" / f"{case}_0000.nii.gz")
-            entry: dict = {"image": f"images{split}/{case}_0000.nii.gz"}
-            if task == "segmentation":
-                (tmp / f"labels{split}").mkdir(exist_ok=True)
-                _save_nifti(label, affine, tmp / f"labels{split}" / f"{case}.nii.gz")
-                entry["label"] = f"labels{split}/{case}.nii.gz"
-            else:
-                entry["label"] = int(bool((label == 2).any()))
-            lists["training" if split == "Tr" else "test"].append(entry)
+            uid_seed = f"fedimaging-demo/{GENERATOR_VERSION}/{seed}/{site}/{size}/{case_index}"
+            name, entry = demo_dicom.stage_case(staging, profile, site, case, uid_seed, image, label,
+                                                affine, held_out=case_index >= profile.n_train)
+            mapping[name] = entry
+        demo_dicom.write_mapping(staging, mapping)
+        demo_dicom.prep_staged_site(
+            staging, tmp, secret_seed=f"fedimaging-demo/{GENERATOR_VERSION}/{seed}/{site}",
+            modality=profile.modality, name=f"fedimaging-demo-{site}",
+            label_names={k: v for k, v in SEGMENTATION_LABELS.items() if v}, workers=workers)
+        dataset = json.loads((tmp / "dataset.json").read_text(encoding="utf-8"))
+        if task == "classification":
+            dataset = _class_labels(tmp, dataset)
         write_dataset_json(
             tmp,
-            name=f"fedimaging-demo-{site}",
+            name=dataset["name"],
             modality=profile.modality,
             labels=SEGMENTATION_LABELS if task == "segmentation" else CLASSIFICATION_LABELS,
-            training=lists["training"],
-            test=lists["test"],
-            description="Synthetic demo site generated by fedimaging (no patient data).",
+            training=dataset["training"],
+            test=dataset["test"],
+            description="Synthetic demo site generated by fedimaging (no patient data): "
+                        "written as DICOM, converted by fedimaging prep.",
             synthetic=True,
         )
     return out_dir
@@ -277,5 +307,9 @@ def write_demo_site(
 def ensure_demo_site(
     root: str | os.PathLike, site: str, seed: int, task: str = "segmentation", size: str = "standard"
 ) -> Path:
-    """Return the cached demo site dataset, generating it on first use."""
+    """Return the cached demo site dataset, generating it on first use.
+
+    One process per site (the ClientApp may run inside simulation workers): prep runs without
+    worker processes here; sites generating concurrently share the machine anyway.
+    """
     return write_demo_site(demo_site_path(root, seed, task, site, size), site, seed, task, size)

@@ -2,7 +2,10 @@
 
 A label is matched by a mapping file in the labels folder (``mapping.json``:
 ``{"file.nii.gz": "<SeriesInstanceUID>"}``, or ``mapping.csv`` with columns
-``file,series_uid``) or by the SeriesInstanceUID inside the file name. A label saved in
+``file,series_uid``) or by the SeriesInstanceUID inside the file name. A mapping entry may also
+put its case in the held-out test split (``{"file.nii.gz": {"series_uid": "<UID>", "split":
+"test"}}``, or a ``split`` column in the CSV): a labelled test case keeps its label
+(``imagesTs/`` + ``labelsTs/``) for evaluation but never trains. A label saved in
 another axis order (e.g. by another converter) is reoriented onto the image's voxel grid;
 a label whose grid still differs from the image is rejected with the reason.
 """
@@ -22,6 +25,7 @@ from data_prep.site_dataset import AFFINE_TOLERANCE_MM
 
 UID_RE = re.compile(r"\d+(?:\.\d+){3,}")
 LABEL_SUFFIXES = (".nii.gz", ".nii")
+SPLITS = ("train", "test")
 
 
 class LabelError(Exception):
@@ -36,21 +40,41 @@ def _label_files(labels_dir: Path) -> list[Path]:
     return sorted(p for p in labels_dir.rglob("*") if p.is_file() and p.name.endswith(LABEL_SUFFIXES))
 
 
-def _read_mapping(labels_dir: Path) -> dict[str, str]:
-    mapping: dict[str, str] = {}
+def _entry(where: str, value) -> tuple[str, str]:
+    """(SeriesInstanceUID, split) of one mapping value: a UID string or {series_uid, split}."""
+    if isinstance(value, dict):
+        uid, split = value.get("series_uid"), value.get("split") or "train"
+    else:
+        uid, split = value, "train"
+    if not isinstance(uid, (str, int)) or not str(uid).strip():
+        raise ValueError(f"{where}: expected a SeriesInstanceUID or {{\"series_uid\": ..., \"split\": ...}}, "
+                         f"got {value!r}")
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split must be one of {list(SPLITS)}, got {split!r}")
+    return str(uid).strip(), split
+
+
+def _read_mapping(labels_dir: Path) -> dict[str, tuple[str, str]]:
+    """Label file name -> (SeriesInstanceUID, split) from mapping.json and mapping.csv."""
+    mapping: dict[str, tuple[str, str]] = {}
     js = labels_dir / "mapping.json"
     if js.is_file():
-        data = json.loads(js.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(js.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{js} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{js}: expected an object {{label file: SeriesInstanceUID}}")
-        mapping.update({str(k): str(v) for k, v in data.items()})
+        mapping.update({str(k): _entry(f"{js} entry {k!r}", v) for k, v in data.items()})
     cs = labels_dir / "mapping.csv"
     if cs.is_file():
         with open(cs, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
+            for n, row in enumerate(csv.DictReader(handle), start=2):
                 if "file" not in row or "series_uid" not in row:
                     raise ValueError(f"{cs}: needs columns 'file' and 'series_uid'")
-                mapping[row["file"].strip()] = row["series_uid"].strip()
+                split = (row.get("split") or "").strip() or "train"
+                mapping[row["file"].strip()] = _entry(f"{cs} line {n}", {"series_uid": row["series_uid"],
+                                                                          "split": split})
     return mapping
 
 
@@ -62,7 +86,7 @@ def match_labels(labels_dir: str | Path, series_uids: set[str]) -> tuple[dict[st
     unmatched: list[str] = []
     for path in _label_files(labels_dir):
         rel = str(path.relative_to(labels_dir))
-        uid = mapping.get(rel) or mapping.get(path.name)
+        uid = (mapping.get(rel) or mapping.get(path.name) or (None, None))[0]
         if uid is None:
             found = [u for u in UID_RE.findall(path.name) if u in series_uids]
             uid = found[0] if found else None
@@ -71,6 +95,11 @@ def match_labels(labels_dir: str | Path, series_uids: set[str]) -> tuple[dict[st
             continue
         matched[uid] = path
     return matched, unmatched
+
+
+def held_out_series(labels_dir: str | Path) -> set[str]:
+    """SeriesInstanceUIDs whose label the mapping puts in the test split (labelled, never trained)."""
+    return {uid for uid, split in _read_mapping(Path(labels_dir)).values() if split == "test"}
 
 
 def conform_label(path: str | Path, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

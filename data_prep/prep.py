@@ -1,10 +1,12 @@
 """Orchestrate DICOM tree -> site dataset (DESIGN 3.4): scan, group, convert, write manifests.
 
 ``prepare_site`` is the Python entry point (the CLI and the demo generator call it). Inputs are
-only read. Every output is written atomically; the private state (``private/state.json``)
-remembers each series' content hash so a re-run converts only what changed. Conversion of
-series runs in worker processes; a failure in one series is caught and reported for that
-series alone.
+only read. Labelled series train (``imagesTr``/``labelsTr``) unless the label mapping holds
+them out as test cases (``imagesTs``/``labelsTs``, see :mod:`data_prep.labels`); unlabelled
+series are test cases without a label. Every output is written atomically; the private state
+(``private/state.json``) remembers each series' content hash so a re-run converts only what
+changed. Conversion of series runs in worker processes; a failure in one series is caught and
+reported for that series alone.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from data_prep import deid
 from data_prep.fingerprint import build_fingerprint, case_stats
 from data_prep.geometry import GeometryError, GeometryOptions, plan_volume
-from data_prep.labels import LabelError, conform_label, match_labels
+from data_prep.labels import LabelError, conform_label, held_out_series, match_labels
 from data_prep.nifti_writer import write_nifti
 from data_prep.pixels import PixelError, read_volume
 from data_prep.report import build_report, summary_table
@@ -38,7 +40,7 @@ from fedimaging.io import atomic_write_json
 CONVERTER_VERSION = "fedimaging-prep-1"
 STATE_FILE = "state.json"
 MAPPING_FILE = "mapping.json"
-OUTPUT_DIRS = ("imagesTr", "labelsTr", "imagesTs", "sidecars")
+OUTPUT_DIRS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "sidecars")
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 2, 3
 
 
@@ -92,9 +94,12 @@ def _check_folders(input_dir: Path, output_dir: Path, force: bool) -> None:
                              "choose an empty folder or pass --force")
 
 
-def _files_hash(group: SeriesGroup, label_path: Path | None, options: PrepOptions) -> str:
+def _files_hash(group: SeriesGroup, label_path: Path | None, options: PrepOptions,
+                held_out: bool = False) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(options.signature(), sort_keys=True).encode())
+    if held_out:  # only then, so hashes (and reuse) of earlier outputs stay as they were
+        digest.update(b"split:test\n")
     for f in sorted(group.frames, key=lambda r: (r.file_hash, r.frame if r.frame is not None else -1)):
         digest.update(f"{f.file_hash}:{f.frame}\n".encode())
     if label_path is not None:
@@ -141,11 +146,12 @@ def convert_job(job: dict) -> dict:
         for t, vol in enumerate(volumes):
             case = job["case"] + (f"-t{t:03d}" if split else "")
             labelled = label_data is not None
-            img_rel = f"{'imagesTr' if labelled else 'imagesTs'}/{case}_0000{FILE_ENDING}"
+            trains = labelled and not job.get("held_out")
+            img_rel = f"{'imagesTr' if trains else 'imagesTs'}/{case}_0000{FILE_ENDING}"
             write_nifti(out / img_rel, vol, plan.affine)
             lab_rel = None
             if labelled:
-                lab_rel = f"labelsTr/{case}{FILE_ENDING}"
+                lab_rel = f"{'labelsTr' if trains else 'labelsTs'}/{case}{FILE_ENDING}"
                 write_nifti(out / lab_rel, label_data, plan.affine, label=True)
             side_rel = f"sidecars/{case}.json"
             sidecar = {
@@ -167,6 +173,7 @@ def convert_job(job: dict) -> dict:
             atomic_write_json(out / side_rel, sidecar)
             result["cases"].append({
                 "case": case, "image": img_rel, "label": lab_rel, "sidecar": side_rel,
+                "split": "train" if trains else "test",
                 "shape": list(vol.shape[:3]), "spacing": [float(s) for s in plan.spacing],
                 "manufacturer": first.params.get("Manufacturer"),
                 "stats": case_stats(vol, first.modality, label_data),
@@ -245,6 +252,10 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
     input_dir = input_dir.resolve()
     if labels is not None and not Path(labels).is_dir():
         raise UsageError(f"labels folder {labels} does not exist")
+    try:  # reads (and so checks) mapping.json / mapping.csv before anything is written
+        held_out = held_out_series(labels) if labels is not None else set()
+    except ValueError as exc:  # the message names the file and the bad value
+        raise UsageError(str(exc)) from exc
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     private = deid.private_dir(out)
@@ -271,7 +282,8 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
             if g.status != "pending":
                 continue
             label_path = label_files.get(g.series_uid) if g.part == 0 else None
-            digest = _files_hash(g, label_path, options)
+            is_held_out = label_path is not None and g.series_uid in held_out
+            digest = _files_hash(g, label_path, options, is_held_out)
             prior = state["groups"].get(g.key)
             if prior and prior.get("hash") == digest and _outputs_exist(out, prior["result"]):
                 reused[g.key] = prior["result"]
@@ -280,7 +292,7 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
             jobs.append({
                 "key": g.key, "case": deid.case_name(secret, g.key), "frames": g.frames,
                 "geometry": {"tilt": tilt, "uneven": uneven, "split_4d": split_4d},
-                "label_path": str(label_path) if label_path else None,
+                "label_path": str(label_path) if label_path else None, "held_out": is_held_out,
                 "output_dir": str(out), "files": g.files,
                 "subject": deid.pseudonym(secret, "subject", first.patient_id, 12),
                 "study": deid.pseudonym(secret, "study", first.study_uid, 12),
@@ -350,7 +362,8 @@ def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
                 entry["cases"] = case_names if len(case_names) > 1 else None
             for c in res.get("cases", []):
                 item = {"image": c["image"], "label": c["label"]}
-                (training if c["label"] else test).append(item)
+                trains = c["label"] and c.get("split", "train") == "train"
+                (training if trains else test).append(item)
                 cases.append(c)
                 keep.update(v for k, v in c.items() if k in ("image", "label", "sidecar") and v)
                 label_values.update(int(v) for v in c["stats"].get("label_voxels", {}))

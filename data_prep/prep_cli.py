@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="site dataset folder to create or update")
     parser.add_argument("--labels", metavar="DIR",
                         help="NIfTI label maps; matched by mapping.json/mapping.csv or the "
-                             "SeriesInstanceUID in the file name")
+                             "SeriesInstanceUID in the file name (a mapping entry with "
+                             "\"split\": \"test\" keeps a labelled case for testing only)")
     parser.add_argument("--label-names", metavar="JSON",
                         help='file with label names, e.g. {"liver": 1, "tumour": 2}')
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

@@ -7,15 +7,17 @@ any other text leaves a site.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from app.client_app import app as client_app
+from app.config import parse_run_config
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from tasks import get_task
-from app.config import parse_run_config
 
 TINY = {
     "num-server-rounds": 1, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6",
@@ -87,7 +89,13 @@ def test_no_path_case_name_or_text_in_any_reply(captured):
             if isinstance(record, ConfigRecord):
                 for value in record.values():
                     texts.extend(_strings(value))
-    forbidden = [str(home), "/", "nii", "imagesTr", "labelsTr", "sitea_", "siteb_", "sitec_", "dataset.json"]
+    forbidden = [str(home), "/", "nii", "imagesTr", "labelsTr", "case-", "dataset.json", "DEMO"]
+    # the sites' real case pseudonyms and the DICOM SeriesInstanceUIDs their data came from
+    for dataset in home.rglob("dataset.json"):
+        forbidden += sorted(set(re.findall(r"case-[0-9a-f]{6,}", dataset.read_text())))
+    for mapping in home.rglob("private/mapping.json"):
+        forbidden += sorted(set(re.findall(r"\d+(?:\.\d+){4,}", mapping.read_text())))
+    assert len(forbidden) > 20  # the demo sites' names and UIDs were found
     for text in texts:
         for needle in forbidden:
             assert needle not in text, f"{needle!r} leaked in {text!r}"

@@ -50,8 +50,8 @@ def test_bundle_layout(bundle, seg_run):
 
 def test_bundle_runs_in_process_and_matches_predict(bundle, seg_run, ct_case, demo_mr, tmp_path):
     mr_case = sorted((demo_mr / "imagesTs").glob("*.nii.gz"))[0]
-    for case in (ct_case, mr_case):
-        out_dir = tmp_path / f"bundle-out-{case.name[:5]}"
+    for kind, case in (("ct", ct_case), ("mr", mr_case)):  # demo case names are pseudonyms
+        out_dir = tmp_path / f"bundle-out-{kind}"
         bundle_run(config_file=str(bundle / "configs/inference.json"), bundle_root=str(bundle),
                    input_file=str(case), output_dir=str(out_dir), device="$torch.device('cpu')")
         produced = sorted(out_dir.glob("*.nii.gz"))

@@ -169,3 +169,42 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert not (tmp_path / "in" / "out").exists()
     assert main([str(tmp_path / "in"), str(tmp_path / "out")]) == 0
     assert "converted 1" in capsys.readouterr().out
+
+
+def test_mapping_can_hold_labelled_cases_out_for_testing(tmp_path, capsys):
+    """mapping.json / mapping.csv "split": "test" -> imagesTs + labelsTs, kept as labelled test cases."""
+    src, labels = tmp_path / "dicom", tmp_path / "labels"
+    labels.mkdir()
+    grids = {}
+    for i in range(4):
+        write_volume(src / f"s{i}", AFFINE, pattern_volume(SHAPE, i), series_uid=_uid(i))
+        grids[i] = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 3).astype(np.uint8)
+        nib.save(nib.Nifti1Image(grids[i], AFFINE), labels / f"lab{i}.nii.gz")
+    (labels / "mapping.json").write_text(json.dumps({
+        "lab0.nii.gz": _uid(0),
+        "lab1.nii.gz": {"series_uid": _uid(1), "split": "train"},
+        "lab2.nii.gz": {"series_uid": _uid(2), "split": "test"},
+    }))
+    (labels / "mapping.csv").write_text(f"file,series_uid,split\nlab3.nii.gz,{_uid(3)},test\n")
+    out = tmp_path / "out"
+    assert main([str(src), str(out), "--labels", str(labels), "--workers", "1", "--quiet"]) == 0
+    dataset = _read(out, "dataset.json")
+    assert dataset["numTraining"] == 2 and dataset["numTest"] == 2
+    assert all(e["image"].startswith("imagesTs/") and e["label"].startswith("labelsTs/")
+               for e in dataset["test"])
+    loaded = load_site_dataset(out)
+    assert len(loaded.training) == 2 and all(c.label is not None for c in loaded.test)
+    mapping = _read(out, "private/mapping.json")
+    held_out = {m["series_uid"] for c, m in mapping.items() if (out / f"labelsTs/{c}.nii.gz").is_file()}
+    assert held_out == {_uid(2), _uid(3)}
+    # moving a case back to training re-converts only that case, and nothing stale stays behind
+    (labels / "mapping.csv").write_text(f"file,series_uid,split\nlab3.nii.gz,{_uid(3)},\n")
+    result = prepare_site(src, out, labels=labels)
+    assert result.report["summary"]["unchanged"] == 3
+    assert sorted(p.parent.name for p in out.glob("labels*/*.nii.gz")) == ["labelsTr"] * 3 + ["labelsTs"]
+    assert len(list(out.glob("images*/*.nii.gz"))) == 4
+
+    (labels / "mapping.json").write_text(json.dumps({"lab2.nii.gz": {"series_uid": _uid(2), "split": "validation"}}))
+    assert main([str(src), str(out), "--labels", str(labels), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mapping.json" in err and "validation" in err
