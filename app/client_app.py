@@ -43,8 +43,8 @@ app = ClientApp()
 # Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
 _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}
-# One DP-SGD session per (run, site) for the life of the process: never a new engine per round.
-_DP_SESSIONS: dict[tuple[str, str], DPSiteSession] = {}
+# One DP-SGD session per (run, site, state, dataset) for the life of the process: never a new engine per round.
+_DP_SESSIONS: dict[tuple[str, str, str, str], DPSiteSession] = {}
 
 
 class SiteDataError(RuntimeError):
@@ -200,7 +200,9 @@ def train(msg: Message, context: Context) -> Message:
 def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: str, server_round: int,
                 epochs: int) -> DPSiteSession:
     """The site's DP-SGD session for this run (created once; the ledger lives in state-dir)."""
-    key = (run_key, rt.site.site_name)
+    # Keyed by where the ledger lives too: two runs in one process with equal run-dir names but
+    # different sites' state (benchmarks, tests) must not share a session and its spent budget.
+    key = (run_key, rt.site.site_name, str(rt.site.state_dir), str(dataset.root))
     if key not in _DP_SESSIONS:
         node = {"dp-epsilon": rt.site.dp_epsilon, "dp-max-grad-norm": rt.site.dp_max_grad_norm}
         if rt.site.dp_delta > 0:
