@@ -1,4 +1,4 @@
-"""SCAFFOLD (Karimireddy et al. 2020, option II): control variates correct client drift.
+"""SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift.
 
 The server sends its variate ``c`` as ArrayRecord ``scaffold-c`` (same keys as ``arrays``); each
 site trains with gradient ``g - c_i + c``, updates ``c_i+ = c_i - c + (x - y_i) / (K lr)`` and

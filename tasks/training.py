@@ -1,8 +1,9 @@
 """The local training loop both tasks share, with the FedProx and SCAFFOLD site-side terms.
 
 FedProx adds ``mu/2 * ||w - w_global||^2`` to every step's loss. SCAFFOLD corrects every
-gradient by ``c - c_i`` and, after the round, updates the site variate with Karimireddy et
-al.'s option II: ``c_i+ = c_i - c + (w_global - w_local) / (K * lr)``.
+gradient by ``c - c_i`` and, after the round, sets the site variate to the mean raw local
+gradient: Karimireddy et al.'s option II (``c_i - c + (w_global - w_local) / (K * lr)``) under
+plain SGD, and still correct with momentum, where option II's formula diverged on the demo.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def train_local(
     global_params = trainable_state(model) if (options.proximal_mu > 0 or options.scaffold_server) else None
     optimizer = make_optimizer(optimizer_name, (p for _, p in named), lr)
     correction = None
+    grad_sums: dict[str, torch.Tensor] = {}
     if options.scaffold_server is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in options.scaffold_server.items()}
         correction = {k: options.scaffold_server[k] - site_c[k] for k in options.scaffold_server}
+        grad_sums = {n: torch.zeros_like(p) for n, p in named if n in correction}
     total, steps = 0.0, 0
     for epoch in range(options.epochs):
         for batch in batches(epoch):
@@ -66,17 +69,21 @@ def train_local(
             if correction is not None:
                 for n, p in named:
                     if p.grad is not None and n in correction:
+                        grad_sums[n].add_(p.grad)
                         p.grad.add_(correction[n].to(p.grad.device))
             optimizer.step()
             total += task_loss
             steps += 1
     delta_c = None
     if correction is not None and steps > 0:
+        # New site variate = the mean raw (uncorrected) local gradient. With plain SGD this is
+        # exactly SCAFFOLD's option II, c_i - c + (x - y_i) / (K lr); with momentum (or Adam, or a
+        # learning rate that changes per round) option II's displacement over K lr overestimates
+        # the gradient (by up to 1 / (1 - momentum) = 10x) and the corrections blow up.
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in options.scaffold_server.items()}
-        local = trainable_state(model)
         delta_c = {}
         for k in options.scaffold_server:
-            new_c = site_c[k] - options.scaffold_server[k] + (global_params[k] - local[k]).cpu() / (steps * lr)
+            new_c = grad_sums[k].cpu() / steps if k in grad_sums else site_c[k]
             delta_c[k] = new_c - site_c[k]
     return total / max(steps, 1), steps, time.perf_counter() - start, delta_c
 

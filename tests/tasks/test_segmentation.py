@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -150,7 +151,7 @@ def test_fedprox_keeps_weights_closer_to_the_global_model():
     assert distances[5.0] < 0.9 * distances[0.0], distances
 
 
-def test_scaffold_follows_option_two():
+def test_scaffold_variate_is_the_mean_raw_gradient():
     """train_local against a hand-written SCAFFOLD loop on a linear model (SGD with momentum)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -171,19 +172,37 @@ def test_scaffold_follows_option_two():
 
     # hand-written: gradient corrected by (c - c_i), SGD momentum 0.9, K steps
     opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
+    raw = {n: torch.zeros_like(p) for n, p in reference.named_parameters()}
     for _ in range(epochs):
         for x, y in zip(xs, ys):
             opt.zero_grad()
             step_loss(reference, (x, y)).backward()
             for n, p in reference.named_parameters():
+                raw[n] += p.grad
                 p.grad += c[n] - c_i[n]
             opt.step()
-    start = dict(model.named_parameters())
     for n, p in reference.named_parameters():
         assert torch.allclose(dict(trained.named_parameters())[n], p, atol=1e-6)
-        # option II: c_i+ = c_i - c + (x - y_i) / (K lr); delta = c_i+ - c_i
-        expected_new_c = c_i[n] - c[n] + (start[n].detach() - p.detach()) / (steps * lr)
-        assert torch.allclose(delta[n], expected_new_c - c_i[n], atol=1e-5)
+        # c_i+ = mean raw local gradient; delta = c_i+ - c_i
+        assert torch.allclose(delta[n], raw[n] / steps - c_i[n], atol=1e-5)
+
+
+def test_scaffold_variate_equals_option_two_under_plain_sgd():
+    """Without momentum the mean raw gradient is SCAFFOLD's option II, c_i - c + (x - y_i) / (K lr)."""
+    torch.manual_seed(2)
+    model = torch.nn.Linear(3, 1)
+    xs, ys = [torch.randn(5, 3) for _ in range(4)], [torch.randn(5, 1) for _ in range(4)]
+    c = {n: torch.randn_like(p) * 0.1 for n, p in model.named_parameters()}
+    c_i = {n: torch.randn_like(p) * 0.1 for n, p in model.named_parameters()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr = 0.05
+    plain = lambda params, lr: torch.optim.SGD(params, lr=lr)  # noqa: E731
+    with mock.patch("tasks.training.make_optimizer", lambda name, params, lr: plain(params, lr)):
+        _, steps, _, delta = train_local(model, lambda e: zip(xs, ys), lambda net, b: ((net(b[0]) - b[1]) ** 2).mean(),
+                                         LocalTrainingOptions(epochs=1, scaffold_server=c, scaffold_site=c_i), "sgd", lr)
+    for n, p in model.named_parameters():
+        option_two = c_i[n] - c[n] + (start[n] - p.detach()) / (steps * lr)
+        assert torch.allclose(delta[n], option_two - c_i[n], atol=1e-5)
 
 
 def test_scaffold_without_site_variate_starts_from_zero():
@@ -196,8 +215,10 @@ def test_scaffold_without_site_variate_starts_from_zero():
     _, steps, _, delta = train_local(
         model, lambda e: [batch], lambda net, b: ((net(b[0]) - b[1]) ** 2).mean(), options, "sgd", 0.1
     )
+    # one step: the mean raw gradient is the gradient at the start, which the first SGD step
+    # (no momentum yet) undid after the correction c: g = (start - p) / lr - c
     for n, p in model.named_parameters():
-        assert torch.allclose(delta[n], -c[n] + (start[n] - p.detach()) / (steps * 0.1), atol=1e-6)
+        assert torch.allclose(delta[n], (start[n] - p.detach()) / 0.1 - c[n], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
