@@ -18,12 +18,9 @@ divided by local epochs, averaged over sites and rounds): evaluation and transpo
 Goals checked: at epsilon 8 the relative Dice drop vs no DP is <= 5%; DP seconds per epoch are
 <= 1.5x no DP (2x is the floor). Writes ``DIR/privacy.json`` and ``DIR/privacy.md``.
 
-Cost, measured with 2 rounds on this 2-core machine while another benchmark ran (so slower than
-idle by about 2x): a round (train + evaluate) took about 106 s per DP arm and 59 s without DP
-(DP-SGD trains about 2.2x slower per epoch there); once per arm about 95 s (DP) / 60 s more
-(first round, final cross-site evaluation); generating the standard demo about 95 s. Scaled to
-an idle machine (x0.45-0.6), the defaults (standard demo, 8 rounds x 2 local epochs, 4 arms) take
-about 27-35 minutes. ``--quick`` (small demo, tiny UNet, 2 rounds x 1 epoch) is a smoke run of
+Cost, measured on an idle 2-core machine: ``--rounds 6`` took 6.7 minutes for the 4 arms (about
+15 s per round with DP, 9 s without; demo generation included), so the defaults take about 9.
+``--quick`` (small demo, tiny UNet, 2 rounds x 1 epoch) is a smoke run of
 2-3 minutes whose numbers mean nothing.
 """
 
