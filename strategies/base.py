@@ -48,6 +48,7 @@ from .aggregation import (
     clip_update,
     fixed_denominator_mean,
     server_step,
+    update_norm,
     weighted_mean,
 )
 from .central_dp import epsilon_spent, new_noise_secret
@@ -214,9 +215,24 @@ class FedImagingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self._round(server_round)
-        replies = list(replies) + self._set_aside
+        aside = self._set_aside
+        replies = list(replies) + aside
         self._set_aside = []
         screened = self.screen_train_replies(replies)
+        if aside:  # set aside by the central-DP wrapper: unclipped, so never aggregated
+            aside_nodes = {int(m.metadata.src_node_id) for m in aside}
+            for update in [u for u in screened.accepted if u.node_id in aside_nodes]:
+                screened.accepted.remove(update)
+                screened.excluded[update.site] = "update could not be clipped for central DP"
+        if self.settings.central_dp == "client-side":  # the sites clip: check that they did
+            bound = self.settings.central_dp_clipping_norm * (1 + 1e-4)
+            for update in list(screened.accepted):
+                norm = update_norm(self._sent, update.arrays)
+                if norm > bound:
+                    screened.accepted.remove(update)
+                    screened.excluded[update.site] = (
+                        f"update norm {norm:.4g} exceeds central-dp-clipping-norm "
+                        f"{self.settings.central_dp_clipping_norm:g}: the site did not clip")
         self._note_missing("train", replies, screened)
         clipped, norms = self._apply_norm_bound(screened)
         current = self.global_arrays or {}

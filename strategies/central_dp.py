@@ -83,7 +83,10 @@ class _GuardedWrapper:
         inner = self.strategy
         usable, aside = [], []
         for msg in replies:
-            (usable if _clippable(inner, msg) else aside).append(msg)
+            if _clippable(inner, msg):
+                usable.append(msg)
+            else:
+                aside.append(msg)
         inner.set_aside_replies(aside)
         saved = np.random.get_state()
         np.random.seed(_noise_seed(inner.central_dp_secret, inner._round(server_round)))
@@ -94,7 +97,11 @@ class _GuardedWrapper:
 
 
 def _clippable(inner: FedImagingFedAvg, msg: Message) -> bool:
-    """No error, and either no arrays (a refusal) or exactly the arrays that were sent."""
+    """No error, and either no arrays (a refusal) or exactly the arrays that were sent.
+
+    Flower's clipping pairs arrays by position, so a reply with the right names in another order
+    is put into the order that was sent (in place) rather than clipped against the wrong arrays.
+    """
     if msg.has_error():
         return False
     records = msg.content.array_records
@@ -102,10 +109,13 @@ def _clippable(inner: FedImagingFedAvg, msg: Message) -> bool:
         return True
     if list(records) != [inner.arrayrecord_key]:
         return False
-    arrays = {k: v.numpy() for k, v in records[inner.arrayrecord_key].items()}
-    if list(arrays) != list(inner.sent_arrays):
+    record = records[inner.arrayrecord_key]
+    arrays = {k: v.numpy() for k, v in record.items()}
+    if validation.check_arrays(inner.sent_arrays, arrays) is not None or set(arrays) != set(inner.sent_arrays):
         return False
-    return validation.check_arrays(inner.sent_arrays, arrays) is None
+    if list(arrays) != list(inner.sent_arrays):
+        msg.content[inner.arrayrecord_key] = ArrayRecord({k: record[k] for k in inner.sent_arrays})
+    return True
 
 
 class ServerSideClipping(_GuardedWrapper, DifferentialPrivacyServerSideFixedClipping):

@@ -233,3 +233,41 @@ def test_resume_repeats_the_noise_and_fresh_runs_do_not(tmp_path):
     replay.central_dp_secret = load_server_state(run_dir.root)[2]["central-dp"]["secret"]
     again = replay.run(FakeGrid(_sites()), _record(init))
     assert again.arrays["w"].numpy().tobytes() == resumed.arrays["w"].numpy().tobytes()
+
+
+def test_server_side_clips_a_reply_whose_arrays_come_in_another_order(tmp_path):
+    init = _init()
+    sites = _sites()
+    honest = sites[3]
+
+    def reordered(msg):
+        content = honest(msg)
+        if msg.metadata.message_type != "train":
+            return content
+        arrays = content["arrays"]
+        content["arrays"] = ArrayRecord({k: arrays[k] for k in reversed(list(arrays.keys()))})
+        return content
+
+    sites[3] = reordered
+    run_dir = RunDirectory(tmp_path / "run")
+    result = build_strategy(_settings(central_dp_noise_multiplier=1e-9), run_dir).run(FakeGrid(sites), _record(init))
+    assert _train_lines(run_dir)[0]["excluded"] == {}
+    out = {k: v.numpy() for k, v in result.arrays.items()}
+    expected = _expected(init, c=1.0, n=3)  # site-c's norm-12 update was clipped like the others
+    for k in init:
+        np.testing.assert_allclose(out[k], expected[k], atol=1e-6)
+
+
+def test_client_side_excludes_a_site_that_did_not_clip(tmp_path):
+    init = _init()
+    run_dir = RunDirectory(tmp_path / "run")
+    # no site runs the clipping mod: only site-a's update (norm 0.5) is within C = 1
+    result = build_strategy(_settings(central_dp="client-side", central_dp_noise_multiplier=1e-9), run_dir).run(
+        FakeGrid(_sites()), _record(init))
+    excluded = _train_lines(run_dir)[0]["excluded"]
+    assert set(excluded) == {"site-b", "site-c"}
+    assert all("did not clip" in reason for reason in excluded.values())
+    out = {k: v.numpy() for k, v in result.arrays.items()}
+    expected = _expected(init, c=1.0, n=3, sites=("site-a",))
+    for k in init:
+        np.testing.assert_allclose(out[k], expected[k], atol=1e-6)
