@@ -505,9 +505,8 @@ class FedImagingFedAvg(FedAvg):
         """Extra end-of-round work (periodic cross-site evaluation); before the state is saved."""
         every = self.settings.cross_site_every
         if every and server_round % every == 0 and server_round < self.num_rounds and self._grid:
-            from .cross_site import (
-                run_cross_site,  # local import: cross_site imports base
-            )
+            # local import: cross_site imports base
+            from .cross_site import run_cross_site
 
             run_cross_site(self, self._grid, final=False, server_round=server_round)
 

@@ -57,14 +57,10 @@ def new_noise_secret() -> str:
 
 
 def epsilon_spent(noise_multiplier: float, releases: int, delta: float) -> float:
-    """Epsilon after ``releases`` Gaussian releases without subsampling (Opacus RDP)."""
-    if releases <= 0:
-        return 0.0
-    from opacus.accountants import RDPAccountant
+    """Epsilon after ``releases`` Gaussian releases without subsampling (the ledger's Opacus RDP, q = 1)."""
+    from privacy.ledger import epsilon_of  # lazy: the server only needs it with central DP on
 
-    accountant = RDPAccountant()
-    accountant.history = [(float(noise_multiplier), 1.0, int(releases))]
-    return float(accountant.get_epsilon(delta))
+    return epsilon_of([(noise_multiplier, 1.0, releases)], delta) if releases > 0 else 0.0
 
 
 def _noise_seed(secret: str, server_round: int) -> np.ndarray:
