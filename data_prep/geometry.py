@@ -49,7 +49,8 @@ class VolumePlan:
     spacing: tuple[float, float, float]
     slice_offsets: np.ndarray  # positions along the normal relative to the first slice (mm)
     resample_to: np.ndarray | None = None  # target offsets for uniform spacing
-    tilt_shifts: np.ndarray | None = None  # per-slice in-plane shift (cols, rows) in voxels
+    tilt_shifts: np.ndarray | None = None  # per-slice in-plane shift (cols, rows) into the grid, voxels
+    tilt_grid: tuple[int, int] | None = None  # in-plane size (cols, rows) of the tilt-corrected grid
     warnings: list[str] = field(default_factory=list)
 
 
@@ -142,6 +143,26 @@ def plan_mosaic(frames: list[FrameRecord]) -> VolumePlan:
     return plan
 
 
+def _tilt_grid(positions: np.ndarray, row: np.ndarray, col: np.ndarray, pixel_spacing,
+               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Orthogonal in-plane grid that holds every acquired pixel of a sheared (tilted) stack.
+
+    Pixel (i, j) of slice k lies at P_k + i*dx*row + j*dy*col (PS3.3 C.7.6.2.1.1). Writing
+    P_k - P_0 = a_k*dx*row + b_k*dy*col + w_k*normal, the same pixel sits at in-plane index
+    (i + a_k, j + b_k) of a grid whose origin is P_0 and whose slice axis is the normal. The grid
+    is widened to the union of all slices (on slice 0's lattice, so slice 0 is not interpolated).
+    Returns (grid origin LPS, per-slice shift (cols, rows) into the grid, grid size (cols, rows)).
+    """
+    rel = positions - positions[0]
+    along = np.stack([rel @ row / float(pixel_spacing[1]), rel @ col / float(pixel_spacing[0])], axis=1)
+    along = np.round(along, 6)  # float noise must not move a pixel across a grid border
+    low = np.floor(along.min(axis=0) + 1e-6)
+    high = np.ceil(along.max(axis=0) + np.asarray(size, float) - 1 - 1e-6)
+    grid = (int(high[0] - low[0]) + 1, int(high[1] - low[1]) + 1)
+    origin = positions[0] + low[0] * float(pixel_spacing[1]) * row + low[1] * float(pixel_spacing[0]) * col
+    return origin, along - low, grid
+
+
 def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOptions()) -> VolumePlan:
     """Sort frames into a volume and compute its affine, or raise :class:`GeometryError`."""
     if frames[0].mosaic:
@@ -204,20 +225,19 @@ def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOp
     if tilt_deg > TILT_DEGREES:
         if options.tilt != "correct":
             raise GeometryError("gantry_tilt", f"stack is sheared by {tilt_deg:.2f} degrees")
-        # Shift each slice in-plane so the stack becomes orthogonal to the slice plane.
-        rel = positions - positions[0]
-        plan.tilt_shifts = np.stack(
-            [rel @ row / pixel_spacing[1], rel @ col / pixel_spacing[0]], axis=1
-        )
+        origin, plan.tilt_shifts, plan.tilt_grid = _tilt_grid(positions, row, col, pixel_spacing,
+                                                             (first.cols, first.rows))
         plan.warnings.append("gantry_tilt_corrected")
         slice_vector = normal * dz
     elif plan.resample_to is not None:
         slice_vector = normal * dz
     else:
         slice_vector = total / (nz - 1)
+    if plan.tilt_shifts is None:
+        origin = positions[0]
     if options.split_4d and nt > 1:
         plan.warnings.append("4d_split")
     if abs(first.gantry_tilt) > TILT_DEGREES and "gantry_tilt_corrected" not in plan.warnings:
         plan.warnings.append("gantry_tilt_tag_without_shear")
-    plan.affine = ras_affine(first.iop, pixel_spacing, positions[0], slice_vector)
+    plan.affine = ras_affine(first.iop, pixel_spacing, origin, slice_vector)
     return plan

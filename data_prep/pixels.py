@@ -107,13 +107,18 @@ def _stack(frames: list[FrameRecord], cache: _FileCache) -> np.ndarray:
     return out
 
 
-def _correct_tilt(stack: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    out = np.empty(stack.shape, dtype=np.float32)
+def _correct_tilt(stack: np.ndarray, shifts: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Place each slice on the orthogonal grid: out[k, r, c] = slice_k[r - shift_r, c - shift_c].
+
+    Linear interpolation in-plane; grid voxels no slice covers get the darkest acquired value.
+    """
+    cols, rows = grid
+    out = np.empty((stack.shape[0], rows, cols), dtype=np.float32)
     fill = float(stack.min())
     for k in range(stack.shape[0]):
         # shifts are (along columns, along rows) in voxels; array axes are (row, col)
-        ndimage.shift(stack[k].astype(np.float32), (shifts[k][1], shifts[k][0]), output=out[k],
-                      order=1, mode="constant", cval=fill)
+        ndimage.affine_transform(stack[k].astype(np.float32), np.eye(2), offset=(-shifts[k][1], -shifts[k][0]),
+                                 output_shape=(rows, cols), output=out[k], order=1, mode="constant", cval=fill)
     return out
 
 
@@ -133,7 +138,7 @@ def read_volume(plan: VolumePlan) -> np.ndarray:
         stack = _stack(frames, cache)
         dtype = stack.dtype
         if plan.tilt_shifts is not None:
-            stack = _correct_tilt(stack, plan.tilt_shifts)
+            stack = _correct_tilt(stack, plan.tilt_shifts, plan.tilt_grid)
         if plan.resample_to is not None:
             stack = _resample(stack, plan.slice_offsets, plan.resample_to)
         if stack.dtype != dtype:
