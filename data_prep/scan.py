@@ -82,6 +82,7 @@ class FrameRecord:
     transfer_syntax: str
     params: dict = field(default_factory=dict)  # acquisition parameters for the sidecar
     skip_reason: str | None = None
+    series_number: int | None = None  # SeriesNumber: tells re-saved copies under one Series UID apart
 
 
 @dataclass
@@ -177,6 +178,7 @@ def _base_fields(ds, path: str, file_hash: str) -> dict:
         sop_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class=str(ds.get("SOPClassUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_number=_int(ds.get("SeriesNumber")),
         study_uid=str(ds.get("StudyInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "")),
         modality=str(ds.get("Modality", "")).upper(),

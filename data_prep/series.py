@@ -3,7 +3,10 @@
 A DICOM series is not always one volume: it may hold several orientations, echoes,
 image sizes or acquisitions. Splitting happens on those keys (as dcm2niix does); each part
 keeps the series' identity plus a part number so the report can say what happened. Objects
-that are not image volumes are set aside here with a reason code.
+that are not image volumes are set aside here with a reason code. Files that share a Series
+UID but carry different SeriesNumbers are kept apart as dcm2niix does; when they are the same
+slice stack saved again (e.g. once per transfer syntax) only one copy is converted, so a
+dataset never holds the same scan twice.
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pydicom import uid as dicom_uid
+
 from data_prep.scan import FrameRecord
 
 SUPPORTED_MODALITIES = ("CT", "MR")
+LOSSLESS_TRANSFER_SYNTAXES = frozenset({
+    dicom_uid.ImplicitVRLittleEndian, dicom_uid.ExplicitVRLittleEndian, dicom_uid.DeflatedExplicitVRLittleEndian,
+    dicom_uid.ExplicitVRBigEndian, dicom_uid.JPEGLossless, dicom_uid.JPEGLosslessSV1, dicom_uid.JPEGLSLossless,
+    dicom_uid.JPEG2000Lossless, dicom_uid.JPEG2000MCLossless, dicom_uid.HTJ2KLossless,
+    dicom_uid.HTJ2KLosslessRPCL, dicom_uid.RLELossless,
+})
 LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "SURVEY", "TOPOGRAM")
 
 
@@ -96,7 +107,48 @@ def group_series(frames: list[FrameRecord]) -> list[SeriesGroup]:
 
     groups: list[SeriesGroup] = []
     for uid in sorted(by_series):
-        groups.extend(_split_series(uid, by_series[uid], dup[uid]))
+        groups.extend(_split_series_numbers(uid, by_series[uid], dup[uid]))
+    return groups
+
+
+def _stack_signature(frames: list[FrameRecord]) -> tuple:
+    """What makes two copies of a slice stack the same stack, pixel data aside: every slice at the
+    same place, with the same numbers, image type and acquisition parameters (kernel, kVp, ...)."""
+    return tuple(sorted(
+        (tuple(np.round(f.ipp, 3)) if f.ipp is not None else (), _orientation_key(f), f.instance,
+         f.acquisition, f.frame, f.rows, f.cols, f.echo, f.temporal, f.dim_index, f.image_type,
+         f.slope, f.intercept, tuple(sorted((k, str(v)) for k, v in f.params.items())))
+        for f in frames))
+
+
+def _split_series_numbers(uid: str, frames: list[FrameRecord], duplicates: int) -> list[SeriesGroup]:
+    """Keep SeriesNumbers apart (as dcm2niix does); convert one copy of a re-saved identical stack.
+
+    Identical stacks are repeats, not time points: the copy in a lossless transfer syntax with
+    the lowest SeriesNumber is converted, the others are reported as ``repeated_series``.
+    """
+    by_number: dict = defaultdict(list)
+    for f in frames:
+        by_number[f.series_number].append(f)
+    if len(by_number) < 2:
+        return _split_series(uid, frames, duplicates)
+    numbers = sorted(by_number, key=lambda n: (n is None, n or 0))
+    if len({_stack_signature(by_number[n]) for n in numbers}) == 1:
+        lossless = [n for n in numbers if all(f.transfer_syntax in LOSSLESS_TRANSFER_SYNTAXES for f in by_number[n])]
+        keep = (lossless or numbers)[0]
+        groups = _split_series(uid, by_number[keep], duplicates)
+        for g in groups:
+            g.warnings.append("repeated_series_ignored")
+        groups += [SeriesGroup(uid, 0, by_number[n], "skipped", "repeated_series", files=_file_count(by_number[n]))
+                   for n in numbers if n != keep]
+    else:
+        groups = []
+        for n in numbers:
+            for g in _split_series(uid, by_number[n], duplicates):
+                g.warnings.append("split_by_series_number")
+                groups.append(g)
+    for part, g in enumerate(groups):  # part 0 (the one labels attach to) is the kept copy
+        g.part = part
     return groups
 
 
