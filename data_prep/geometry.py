@@ -222,6 +222,7 @@ def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOp
         plan.warnings.append(f"{problem}_resampled")
 
     # GantryDetectorTilt alone is not enough: what matters is whether the stack is sheared.
+    origin = positions[0]
     if tilt_deg > TILT_DEGREES:
         if options.tilt != "correct":
             raise GeometryError("gantry_tilt", f"stack is sheared by {tilt_deg:.2f} degrees")
@@ -233,8 +234,6 @@ def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOp
         slice_vector = normal * dz
     else:
         slice_vector = total / (nz - 1)
-    if plan.tilt_shifts is None:
-        origin = positions[0]
     if options.split_4d and nt > 1:
         plan.warnings.append("4d_split")
     if abs(first.gantry_tilt) > TILT_DEGREES and "gantry_tilt_corrected" not in plan.warnings:
