@@ -37,6 +37,7 @@ class TiltedSeries:
     """Geometry of one synthetic tilted acquisition, in LPS."""
 
     def __init__(self, tilt_sign: int, table: int, axial_iop: bool = False):
+        self.tilt_sign = tilt_sign
         t = np.radians(TILT_DEG) * tilt_sign
         self.row = np.array([1.0, 0.0, 0.0])
         if axial_iop:  # image planes axial, stack sheared along y (e.g. a reformatted series)
@@ -67,7 +68,7 @@ class TiltedSeries:
                             for c in (0, SHAPE[2] - 1)], dtype=float)
         return (corners @ self.box.T + ORIGIN) * world.LPS_FLIP
 
-    def write(self, folder, stored: str, tag: bool, tilt_sign: int) -> None:
+    def write(self, folder, stored: str, tag: bool) -> None:
         ras = np.eye(4)
         ras[:3, 0] = self.row * PIXEL[0] * world.LPS_FLIP
         ras[:3, 1] = self.col * PIXEL[1] * world.LPS_FLIP
@@ -75,7 +76,7 @@ class TiltedSeries:
         order = list(range(SHAPE[2])) if stored == "ascending" else list(range(SHAPE[2]))[::-1]
         extra = {"Manufacturer": "Philips"}
         if tag:  # Philips sign convention, as on the real scans: sign of the column cosine's z
-            extra["GantryDetectorTilt"] = f"{TILT_DEG * tilt_sign:g}"
+            extra["GantryDetectorTilt"] = f"{TILT_DEG * self.tilt_sign:g}"
         write_volume(folder, ras, self.voxels(), positions=self.positions, slice_order=order, extra=extra)
 
 
@@ -135,7 +136,7 @@ def _check_prep_output(series: TiltedSeries, img) -> np.ndarray:
 @pytest.mark.parametrize("tilt_sign", [+1, -1], ids=["tilt+", "tilt-"])
 def test_tilt_corrected_matches_geometry_and_dcm2niix(tmp_path, tilt_sign, table, stored, source):
     series = TiltedSeries(tilt_sign, table)
-    series.write(tmp_path / "in", stored, tag=source == "GantryDetectorTilt", tilt_sign=tilt_sign)
+    series.write(tmp_path / "in", stored, tag=source == "GantryDetectorTilt")
     img = _prep(tmp_path / "in", tmp_path / "out")
     prep_mask = _check_prep_output(series, img)
 
@@ -154,7 +155,7 @@ def test_tilt_corrected_matches_geometry_and_dcm2niix(tmp_path, tilt_sign, table
 def test_sheared_stack_of_axial_slices_is_corrected(tmp_path, tilt_sign):
     """Axial image planes whose positions drift in-plane: the shear is only in the positions."""
     series = TiltedSeries(tilt_sign, table=+1, axial_iop=True)
-    series.write(tmp_path / "in", "descending", tag=False, tilt_sign=tilt_sign)
+    series.write(tmp_path / "in", "descending", tag=False)
     _check_prep_output(series, _prep(tmp_path / "in", tmp_path / "out"))
 
 
