@@ -159,6 +159,16 @@ def test_sheared_stack_of_axial_slices_is_corrected(tmp_path, tilt_sign):
     _check_prep_output(series, _prep(tmp_path / "in", tmp_path / "out"))
 
 
+@pytest.mark.parametrize("tilt_sign", [+1, -1], ids=["tilt+", "tilt-"])
+def test_tilt_rejected_on_request(tmp_path, tilt_sign):
+    TiltedSeries(tilt_sign, table=+1).write(tmp_path / "in", "ascending", tag=True)
+    result = prepare_site(tmp_path / "in", tmp_path / "out", tilt="reject")
+    assert result.exit_code == 3
+    entry = json.loads((tmp_path / "out" / "prep_report.json").read_text())["series"][0]
+    assert (entry["status"], entry["reason"]) == ("rejected", "gantry_tilt")
+    assert prepared_images(tmp_path / "out") == []
+
+
 def test_world_compare_ignores_field_of_view(tmp_path):
     """The helper itself: the same field on two different grids compares equal; a shift does not."""
     affine_a = np.diag([1.0, 1.0, 2.0, 1.0])
