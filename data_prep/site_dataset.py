@@ -220,12 +220,16 @@ def write_dataset_json(
     labels: dict[str, int],
     training: list[dict[str, Any]],
     test: list[dict[str, Any]],
+    channel_names: dict[str, str] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write ``dataset.json`` (nnU-Net v2 / MSD style) atomically and return its path."""
+    """Write ``dataset.json`` (nnU-Net v2 / MSD style) atomically and return its path.
+
+    ``channel_names`` (index -> name) for multi-channel images; default one channel, ``modality``.
+    """
     meta = {
         "name": name,
-        "channel_names": {"0": modality},
+        "channel_names": channel_names or {"0": modality},
         "labels": labels,
         "numTraining": len(training),
         "numTest": len(test),
