@@ -139,3 +139,11 @@ def test_classification_model_takes_the_channels():
                               architecture={"init_features": 8, "growth_rate": 4, "block_config": (1, 1, 1, 1)})
     model = task.build_model().eval()
     assert model(torch.zeros(2, 3, 32, 32, 32)).shape == (2, 2)
+
+
+def test_sites_that_do_not_describe_their_channels_are_left_to_the_rounds(tmp_path):
+    from app.preflight import check_site_channels
+    from bench.strategy_server_cost import SyntheticGrid
+
+    assert check_site_channels(SyntheticGrid(2), 1, tmp_path) == []  # answers without channel names
+    assert not (tmp_path / "channels.json").exists()
