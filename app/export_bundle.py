@@ -204,6 +204,11 @@ def readme(loaded: LoadedModel, summary: dict[str, Any]) -> str:
         "layers (chosen at export with `--site`/`--site-state`); use it at that site.\n"
         if loaded.site_state is not None else ""
     )
+    n = loaded.task.settings.in_channels
+    if n > 1:
+        names = _multichannel(loaded)["channel_names"]
+        fedbn += (f"\nThis model takes {n} channels {names}: pass `--input_files \"['c0.nii.gz', ...]\"` "
+                  f"(one 3D file per channel, in that order) instead of `--input_file`.\n")
     return f"""# fedimaging {loaded.run.task} model (MONAI bundle)
 
 Exported by `fedimaging export` from run `{loaded.run_dir.name}` (strategy {loaded.run.strategy},

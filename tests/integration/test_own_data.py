@@ -56,8 +56,10 @@ def test_readme_own_data_commands_run_on_real_hippocampus_cases(isolated_flower,
         if i == 2:
             command += f" --run-config \"{TINY} run-dir='{run_dir}' home='{tmp_path / 'home'}'\""
         result = run_shell(command, env, ROOT, timeout=900)
-        assert result.returncode == 0, (command, (result.stdout + result.stderr)[-5000:])
+        assert result.returncode == 0, f"{command}\n{(result.stdout + result.stderr)[-5000:]}"
 
+    # the sites described their channels to the server before round 1 (a real Flower query message)
+    assert json.loads((run_dir / "channels.json").read_text())["channel-names"] == ["MRI"]
     split = json.loads((data / "hippocampus-sites" / "split.json").read_text())
     assert split["simulated"] is True and sorted(split["counts"]) == ["site-0", "site-1", "site-2"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
