@@ -411,7 +411,7 @@ def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
         note = (f"reasons in {out / 'prep_report.json'}" if fresh
                 else f"the dataset in {out} was left as it was")
         return PrepResult(exit_code=EXIT_REJECTED, report=report, output_dir=out, nothing_converted=True,
-                          table=summary_table(report) + f"\nno series could be converted; {note}")
+                          table=summary_table(report) + f"\nno series in {input_dir} could be converted; {note}")
     missing = sorted(rel for rel in keep if not (out / rel).is_file())
     if missing:  # dataset.json must never name a file that is not there
         raise UsageError(f"{out}: converted files vanished while prep ran (e.g. {missing[0]}); run prep again")
