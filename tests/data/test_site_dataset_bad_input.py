@@ -203,3 +203,17 @@ def test_unknown_modality(tmp_path, channel, ok):
     else:
         message = _error(root)
         assert repr(channel) in message and "not a modality" in message
+
+
+def test_corrupt_voxels_found_while_caching_are_a_dataset_error(tmp_path):
+    """A flipped byte inside the compressed voxels passes the cheap checks; the task's cache finds it."""
+    root = _classification_site(tmp_path / "s", [0, 1])
+    image = root / "imagesTr" / "caseTr1_0000.nii.gz"
+    _nifti(image, np.random.default_rng(1).integers(-1000, 1000, (24, 24, 24)).astype(np.int16))
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    site = load_site_dataset(root)  # header and length are intact: reading every voxel each round costs too much
+    task = get_task("classification", parse_run_config({"task": "classification", "spacing": "2,2,3"}).task_settings())
+    with pytest.raises(DatasetError, match="could not be read"):
+        task.prepare_site(site)
