@@ -25,9 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_prep import deid
+from data_prep import deid, prep_folders
 from data_prep.fingerprint import build_fingerprint, case_stats
-from data_prep import prep_folders
 from data_prep.geometry import GeometryError, GeometryOptions, plan_volume
 from data_prep.labels import LabelError, conform_label, held_out_series, match_labels
 from data_prep.limits import LimitExceeded
@@ -312,6 +311,8 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
                         results[key] = {"key": key, "status": "rejected", "cases": [], "warnings": [],
                                         "reason": f"worker_failed:{type(exc).__name__}"}
                     bar.update(1)
+    except OSError as exc:  # e.g. private/ not writable: name the file, not a traceback
+        raise UsageError(f"cannot read or write {exc.filename or out}: {exc.strerror or exc}") from None
     finally:
         if executor is not None:
             executor.shutdown()
