@@ -96,9 +96,11 @@ def stale_case_files(owned_before: set[str], keep: set[str]) -> list[str]:
 
 
 def remove_files(out: Path, rels: list[str]) -> None:
+    """Delete listed files, never through a link and never outside ``out``."""
+    root = out.resolve()
     for rel in rels:
         path = out / rel
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and root in path.resolve().parents:
             path.unlink()
 
 
