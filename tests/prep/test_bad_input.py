@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -245,6 +246,23 @@ def test_read_only_output_parent_names_the_folder(tmp_path, capsys):
         assert str(parent / "out") in capsys.readouterr().err
     finally:
         parent.chmod(0o755)
+
+
+def test_permission_denied_output_names_the_folder(tmp_path, monkeypatch, capsys):
+    """The read-only parent as root sees it: mkdir refused (simulated, since root may write anywhere)."""
+    src = _two_series(tmp_path / "in")
+    target = tmp_path / "ro" / "out"
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main([str(src), str(target), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "Permission denied" in err and "Traceback" not in err
 
 
 def test_failed_write_never_leaves_dataset_json_naming_deleted_files(tmp_path, monkeypatch):
