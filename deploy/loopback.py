@@ -211,11 +211,19 @@ class LoopbackFederation:
         self.wait_for_log(proc, "Uvicorn running on https://", wait)
         return proc
 
-    def register(self, sites: Sequence[str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        """``deploy/register-sites.sh`` (registers all sites, or ``sites``)."""
-        env = self.env("superlink")
-        env["FLWR_HOME"] = str(self.link_dir / "flwr-home")
-        cmd = [str(DEPLOY_DIR / "register-sites.sh"), str(self.link_dir), self.connection, *(sites or [])]
+    def register(self, sites: Sequence[str] | None = None, timeout: float = 120.0,
+                 **env_extra: str) -> subprocess.CompletedProcess:
+        """``deploy/register-sites.sh`` (registers all sites, or ``sites``); it picks its own FLWR_HOME."""
+        env = self.env("register", **env_extra)
+        cmd = [str(DEPLOY_DIR / "register-sites.sh"), str(self.link_dir), "--connection", self.connection,
+               *(sites or [])]
+        return subprocess.run(cmd, env=env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+
+    def list_sites(self, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """``fedimaging deploy sites list``: node ids with site names, as the coordinator sees them."""
+        cmd = [sys.executable, "-m", "deploy.sites", "list", str(self.link_dir), "--connection", self.connection]
+        env = self.env("register")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         return subprocess.run(cmd, env=env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
 
     def start_site(
