@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("app.predict", "predict_main", "apply a trained model to a NIfTI file or DICOM series"),
     "report": ("app.report", "report_main", "(re)build a run's report.md and plots"),
     "export": ("app.export_bundle", "export_main", "export a run's final model as a MONAI bundle"),
-    "deploy": ("app.cli", "deploy_main", "deploy init DIR --sites a,b,c: CA, certificates, site keys and configs"),
+    "deploy": ("app.cli", "deploy_main", "deploy init|register|sites: deployment material, site registration, sites by node id"),
     "privacy": ("app.cli", "privacy_main", "privacy show DATA_PATH: a site's privacy ledger"),
 }
 
@@ -77,8 +77,9 @@ def _nested(prog: str, actions: dict[str, tuple[str, str]], argv: list[str] | No
 
 
 def deploy_main(argv: list[str] | None = None) -> int:
-    """``fedimaging deploy init DIR --sites a,b,c``."""
-    return _nested("deploy", {"init": ("deploy.init", "init_main")}, argv)
+    """``fedimaging deploy init DIR --sites a,b,c`` | ``register DIR/superlink`` | ``sites DIR/superlink``."""
+    return _nested("deploy", {"init": ("deploy.init", "init_main"), "register": ("deploy.sites", "register_main"),
+                              "sites": ("deploy.sites", "list_main")}, argv)
 
 
 def privacy_main(argv: list[str] | None = None) -> int:

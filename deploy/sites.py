@@ -187,7 +187,8 @@ def list_sites(link_dir: Path, connection: str | None = None, include_unregister
 def _parser(command: str) -> argparse.ArgumentParser:
     helps = {"register": "register site-keys/<site>.pub with the deployment's SuperLink, then check it lists them",
              "list": "the SuperLink's nodes, each with the site its public key belongs to"}
-    parser = argparse.ArgumentParser(prog=f"fedimaging deploy sites {command}", description=helps[command])
+    prog = {"register": "fedimaging deploy register", "list": "fedimaging deploy sites"}[command]
+    parser = argparse.ArgumentParser(prog=prog, description=helps[command])
     parser.add_argument("link_dir", type=Path, help="the deployment's superlink/ folder")
     parser.add_argument("--connection", default=None, help="connection name in its flwr-home (default: its default)")
     if command == "register":
@@ -216,9 +217,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             list_sites(args.link_dir, args.connection, args.all)
     except SitesError as exc:
-        print(f"fedimaging deploy sites {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fedimaging deploy {'register' if args.command == 'register' else 'sites'}: error: {exc}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def register_main(argv: Sequence[str] | None = None) -> int:
+    """``fedimaging deploy register DEPLOY_DIR/superlink [--connection NAME] [site ...]``."""
+    return main(["register", *(sys.argv[1:] if argv is None else argv)])
+
+
+def list_main(argv: Sequence[str] | None = None) -> int:
+    """``fedimaging deploy sites DEPLOY_DIR/superlink [--connection NAME] [--all]``."""
+    return main(["list", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,15 @@ if [[ "${FEDIMAGING_SKIP_PREFLIGHT:-0}" != 1 ]]; then
     python -m deploy.preflight "$site_dir/node-config.toml" --auth-key "$site_dir/auth.key"
 fi
 
+runtime_port=${SUPERNODE_RUNTIME_PORT:-9094}
+if ! python -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' \
+        "$runtime_port" 2>/dev/null; then
+    echo "$0: port $runtime_port on 127.0.0.1 (the SuperNode's local runtime API) is in use, e.g. by another" \
+         "SuperNode on this host: give each one its own, e.g. SUPERNODE_RUNTIME_PORT=9095 $0 $site_dir" >&2
+    exit 2
+fi
+
 # The SuperNode's output passes through unchanged; a flag file records whether the SuperLink
 # refused to activate it (Flower then says only "could not establish a connection", which reads
 # like a network problem) so that we can say what to do.
@@ -56,7 +65,7 @@ flower-supernode \
     --root-certificates "$site_dir/ca.crt" \
     --auth-supernode-private-key "$site_dir/auth.key" \
     --node-config "$site_dir/node-config.toml" \
-    --port "${SUPERNODE_RUNTIME_PORT:-9094}" \
+    --port "$runtime_port" \
     "$@" > >(watch) 2> >(watch >&2) &
 supernode=$!
 trap 'kill -TERM "$supernode" 2>/dev/null' TERM INT HUP
