@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,20 @@ DEPLOY_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = DEPLOY_DIR.parent
 # Flower's own local SuperLink (started by `flwr run` for simulations) uses these ports.
 _RESERVED_PORTS = {39091, 39093}
+
+
+def copy_checkout(dest: Path, source: Path = PROJECT_ROOT) -> Path:
+    """Copy the project as a coordinator or site checks it out (code, tests, docs, scripts; no caches)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.name in {".git", ".pytest_cache", ".venv", "runs", "build", "dist"} or entry.name.endswith(".egg-info"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest / entry.name, ignore=ignore, symlinks=True)
+        elif entry.is_file():
+            shutil.copy2(entry, dest / entry.name)
+    return dest
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,21 +20,9 @@ from flwr.cli.build import build_fab_from_disk
 
 from data_prep.demo import write_demo_site
 from deploy.init import init_main
+from deploy.loopback import copy_checkout
 
-ROOT = Path(__file__).resolve().parents[2]
 APP_PACKAGES = ("app", "strategies", "tasks", "data_prep", "privacy", "fedimaging")
-
-
-def _copy_project(dest: Path) -> None:
-    """The project as a coordinator checks it out (code, tests, docs, deploy scripts)."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".pytest_cache", "*.egg-info")
-    for entry in ROOT.iterdir():
-        if entry.name in {".git", ".pytest_cache", "runs", "build", "dist"} or entry.name.endswith(".egg-info"):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dest / entry.name, ignore=ignore, symlinks=True)
-        elif entry.is_file():
-            shutil.copy2(entry, dest / entry.name)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +30,7 @@ def project_with_private_files(tmp_path_factory: pytest.TempPathFactory) -> Path
     """A project folder holding a deployment and a prepared site dataset with its state."""
     root = tmp_path_factory.mktemp("proj") / "fedimaging-study"
     root.mkdir()
-    _copy_project(root)
+    copy_checkout(root)
     assert init_main([str(root / "deployment"), "--sites", "site-a,site-b",
                       "--data-path", str(root / "trial-data" / "{site}"),
                       "--state-dir", str(root / "trial-data" / "{site}-state")]) == 0
