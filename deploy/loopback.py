@@ -35,7 +35,8 @@ def copy_checkout(dest: Path, source: Path = PROJECT_ROOT) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
     dest.mkdir(parents=True, exist_ok=True)
     for entry in source.iterdir():
-        if entry.name in {".git", ".pytest_cache", ".venv", "runs", "build", "dist"} or entry.name.endswith(".egg-info"):
+        skip = {".git", ".pytest_cache", ".venv", "runs", "build", "dist"}
+        if entry.name in skip or entry.name.endswith(".egg-info"):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, dest / entry.name, ignore=ignore, symlinks=True)

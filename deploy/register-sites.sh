@@ -8,8 +8,9 @@
 # (written by 'fedimaging deploy init'): an FLWR_HOME set in the shell is ignored, so a
 # registration can never go to another (or a local, automatically started) SuperLink. Without
 # site names, registers every key in site-keys/. A key that is already registered is reported and
-# skipped; afterwards the SuperLink's node list is checked to hold every key. Exit status 1 and
-# the reason on stderr if anything is not registered.
+# skipped; afterwards the SuperLink's node list is checked to hold every key. Exit status 2 (bad
+# folder, connection or key) or 1 (the SuperLink did not answer or register) with the reason on
+# stderr if anything is not registered.
 set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 exec python -m deploy.sites register "$@"

@@ -29,7 +29,15 @@ _LOCAL_ADDRESSES = (":local:", ":local-in-memory:")
 
 
 class SitesError(RuntimeError):
-    """A deployment folder, connection, key or SuperLink answer that is not what it must be."""
+    """A deployment folder, connection, key or SuperLink answer that is not what it must be.
+
+    ``status`` is the exit status: 2 for what is wrong before the SuperLink is asked (folder,
+    connection, keys), 1 when the SuperLink does not answer or does not do what was asked.
+    """
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ def _call(what: str, conn: Connection, fn, request):
         with flwr_cli_exc_handler():
             return fn(request=request)
     except click.ClickException as exc:
-        raise SitesError(f"{what} on SuperLink {conn.name} ({conn.address}) failed: {exc.message}") from None
+        raise SitesError(f"{what} on SuperLink {conn.name} ({conn.address}) failed: {exc.message}", 1) from None
 
 
 def public_key_bytes(path: Path) -> bytes:
@@ -157,13 +165,13 @@ def register(link_dir: Path, connection: str | None = None, sites: Sequence[str]
             reply = _call(f"registering {site}", conn, client.RegisterNode,
                           RegisterNodeRequest(public_key=key, name=site))
             if not reply.node_id:
-                raise SitesError(f"SuperLink {conn.name} ({conn.address}) did not register {site}")
+                raise SitesError(f"SuperLink {conn.name} ({conn.address}) did not register {site}", 1)
             print(f"registered {site}: node {reply.node_id} on {conn.name} ({conn.address})", file=out)
         listed = {n.public_key for n in _nodes(client, conn) if n.status != "unregistered"}
     missing = sorted(site for site, key in keys.items() if key not in listed)
     if missing:
         raise SitesError(f"SuperLink {conn.name} ({conn.address}) does not list {', '.join(missing)} "
-                         "after registering")
+                         "after registering", 1)
 
 
 def list_sites(link_dir: Path, connection: str | None = None, include_unregistered: bool = False,
@@ -219,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SitesError as exc:
         print(f"fedimaging deploy {'register' if args.command == 'register' else 'sites'}: error: {exc}",
               file=sys.stderr)
-        return 1
+        return exc.status
     return 0
 
 

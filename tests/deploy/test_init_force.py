@@ -61,7 +61,8 @@ def test_force_with_fewer_sites_leaves_exactly_the_listed_sites(three_sites: Pat
     # one new CA, everywhere, and the SuperLink certificate is signed by it
     new_ca = (three_sites / "ca" / "ca.crt").read_bytes()
     assert new_ca != old_ca
-    for copy in (three_sites / "superlink" / "ca.crt", *(three_sites / "sites" / s / "ca.crt" for s in ("site-a", "site-c"))):
+    copies = [three_sites / "superlink" / "ca.crt", *(three_sites / "sites" / s / "ca.crt" for s in ("site-a", "site-c"))]
+    for copy in copies:
         assert copy.read_bytes() == new_ca
     _cert(three_sites / "superlink" / "superlink.crt").verify_directly_issued_by(_cert(three_sites / "ca" / "ca.crt"))
     for site in ("site-a", "site-c"):

@@ -65,7 +65,8 @@ def test_the_deployments_connection_is_read(link_dir: Path) -> None:
         ("not toml [", "not valid TOML"),
     ],
 )
-def test_a_connection_that_is_not_a_deployed_tls_superlink_is_refused(link_dir: Path, config: str, message: str) -> None:
+def test_a_connection_that_is_not_a_deployed_tls_superlink_is_refused(link_dir: Path, config: str,
+                                                                       message: str) -> None:
     (link_dir / "flwr-home" / "config.toml").write_text(config)
     with pytest.raises(SitesError, match=message.replace("(", r"\(")):
         deployment_connection(link_dir)
@@ -111,4 +112,4 @@ def test_unreachable_superlink_with_a_hostile_flwr_home_fails_loudly(link_dir: P
     assert _processes_with_env(str(hostile)) == []  # no local SuperLink was started for it
     # a typo in the connection name fails before anything is contacted
     typo = _script(link_dir, hostile, "--connection", "fedimagin")
-    assert typo.returncode == 1 and "no connection 'fedimagin'" in typo.stderr
+    assert typo.returncode == 2 and "no connection 'fedimagin'" in typo.stderr
