@@ -84,6 +84,7 @@ def test_files_of_the_deployment_and_dataset_exist_but_do_not_ship(project_with_
         assert path.relative_to(root).as_posix() not in names
 
 
+@pytest.mark.slow
 def test_the_bundle_alone_is_a_working_app(project_with_private_files: Path, tmp_path: Path) -> None:
     """Unpacked without the project (editable install hidden), ServerApp and ClientApp import from it."""
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project_with_private_files))) as fab:
