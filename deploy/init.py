@@ -226,6 +226,13 @@ def write_deployment(opts: InitOptions) -> list[Path]:
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         raise DeployInitError(f"{root} is {'a symbolic link' if root.is_symlink() else 'not a folder'}; "
                               "give the deployment folder itself")
+    if root.is_dir() and any(root.iterdir()):
+        # The swap below replaces the folder itself: only ever a deployment's, never the caller's.
+        if not any((root / rel).exists() for rel in _owned_files(root)):
+            raise DeployInitError(f"{root} is not empty and holds no deployment; give a new folder, "
+                                  "e.g. deployment/")
+        if Path.cwd().resolve().is_relative_to(root.resolve()):
+            raise DeployInitError(f"{root} contains the current folder; run deploy init from outside it")
     targets = _target_paths(opts)
     if not opts.force:
         for path in targets:

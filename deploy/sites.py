@@ -59,6 +59,8 @@ def deployment_connection(link_dir: Path, name: str | None = None) -> Connection
         table = tomllib.loads(config.read_text(encoding="utf-8")).get("superlink", {})
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SitesError(f"{config} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SitesError(f"cannot read {config}: {exc.strerror} (run as the user that owns the deployment)") from None
     name = name or table.get("default")
     entries = sorted(k for k, v in table.items() if isinstance(v, dict))
     if not name or name not in entries:
@@ -124,6 +126,8 @@ def public_key_bytes(path: Path) -> bytes:
         raise SitesError(f"{path} is missing")
     try:
         key = load_ssh_public_key(path.read_bytes())
+    except OSError as exc:
+        raise SitesError(f"cannot read {path}: {exc.strerror}") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise SitesError(f"{path} is not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):

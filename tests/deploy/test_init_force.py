@@ -61,7 +61,8 @@ def test_force_with_fewer_sites_leaves_exactly_the_listed_sites(three_sites: Pat
     # one new CA, everywhere, and the SuperLink certificate is signed by it
     new_ca = (three_sites / "ca" / "ca.crt").read_bytes()
     assert new_ca != old_ca
-    copies = [three_sites / "superlink" / "ca.crt", *(three_sites / "sites" / s / "ca.crt" for s in ("site-a", "site-c"))]
+    copies = [three_sites / "superlink" / "ca.crt",
+              *(three_sites / "sites" / s / "ca.crt" for s in ("site-a", "site-c"))]
     for copy in copies:
         assert copy.read_bytes() == new_ca
     _cert(three_sites / "superlink" / "superlink.crt").verify_directly_issued_by(_cert(three_sites / "ca" / "ca.crt"))
@@ -176,3 +177,23 @@ def test_node_config_with_a_del_character_still_parses(tmp_path: Path) -> None:
     """Defence in depth: the writer escapes what the command line already refuses."""
     opts = InitOptions(out_dir=tmp_path, sites=("a",), hosts=("localhost",), data_path="/d\x7f/{site}")
     assert tomllib.loads(node_config_toml(opts, "a"))["data-path"] == "/d\x7f/a"
+
+
+def test_a_folder_that_is_not_a_deployment_is_never_swapped(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deploy init .`` in a checkout or a home folder must not move that folder's files around."""
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "projects" / "notes.md").write_text("mine")
+    before = _snapshot(home)
+    for force in ([], ["--force"]):
+        assert init_main([str(home), "--sites", "a", *force]) == 2
+        assert "holds no deployment" in capsys.readouterr().err
+    assert _snapshot(home) == before
+    # nor a deployment the shell is standing in (it would be left in a deleted folder)
+    assert init_main([str(tmp_path / "dep"), "--sites", "a"]) == 0
+    monkeypatch.chdir(tmp_path / "dep" / "superlink")
+    before = _snapshot(tmp_path / "dep")
+    assert init_main([str(tmp_path / "dep"), "--sites", "a", "--force"]) == 2
+    assert "contains the current folder" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "dep") == before
