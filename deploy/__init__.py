@@ -1,5 +1,5 @@
 """Deployment across sites: ``deploy init`` material (CA, certificates, site keys and node configs;
-``tree`` swaps a rebuilt folder in all at once), site registration and listing through the
+``config_text`` checks what goes into them, ``tree`` swaps a rebuilt folder in all at once), site registration and listing through the
 deployment's own connection (``sites``), the site preflight check and a loopback federation used
 by tests and benchmarks.
 

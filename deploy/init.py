@@ -13,16 +13,15 @@ Private keys are written with mode 0600; nothing that exists is overwritten with
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import pki
+from deploy.config_text import DeployInitError, check_path_option, toml_str
 from deploy.tree import replace_folder
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -30,10 +29,6 @@ DEFAULT_PORT = 8000  # Flower 1.41 SuperLink: Fleet, Control and Runtime APIs on
 CONNECTION_NAME = "fedimaging"
 PRIVATE = 0o600
 PUBLIC = 0o644
-
-
-class DeployInitError(ValueError):
-    """Bad arguments or a file that would be overwritten; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -71,43 +66,14 @@ def parse_sites(raw: str) -> tuple[str, ...]:
     return sites
 
 
-def _toml_str(value: str) -> str:
-    """A TOML basic string. JSON escapes quotes, backslashes and U+0000-U+001F the way TOML does;
-    TOML also forbids a raw DEL (U+007F), which JSON leaves as is, so that is escaped too."""
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007F")
-
-
-def _control_character(value: str) -> str | None:
-    """The first control character in ``value`` as ``U+XXXX at position N``, or None."""
-    for index, char in enumerate(value):
-        if unicodedata.category(char) == "Cc":
-            return f"U+{ord(char):04X} at position {index}"
-    return None
-
-
-def check_path_option(option: str, value: str, template: bool = True) -> None:
-    """A path that goes into a config file: UTF-8, no control character, only ``{site}`` in braces."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DeployInitError(f"{option} {value!r} is not valid UTF-8 (config files are UTF-8 text); "
-                              "rename the folder or give another path") from None
-    bad = _control_character(value)
-    if bad:
-        raise DeployInitError(f"{option} {value!r} contains a control character ({bad}); "
-                              "a path with one is almost certainly a typing or paste error")
-    if template and re.search(r"[{}]", value.replace("{site}", "")):
-        raise DeployInitError(f"{option} {value!r}: only '{{site}}' may appear in braces")
-
-
 def node_config_toml(opts: InitOptions, site: str) -> str:
     """The site's ``flower-supernode --node-config`` file (contract: DESIGN 3.3)."""
     lines = [
         f"# Node config of site {site!r} for `flower-supernode --node-config node-config.toml`.",
         "# Edit data-path and state-dir to this site's folders. Both stay at the site.",
-        f"data-path = {_toml_str(opts.data_path.format(site=site))}",
-        f"site-name = {_toml_str(site)}",
-        f"state-dir = {_toml_str(opts.state_dir.format(site=site))}",
+        f"data-path = {toml_str(opts.data_path.format(site=site))}",
+        f"site-name = {toml_str(site)}",
+        f"state-dir = {toml_str(opts.state_dir.format(site=site))}",
     ]
     if opts.dp_epsilon > 0:
         lines += [
@@ -132,8 +98,8 @@ def connection_toml(opts: InitOptions, ca_cert: Path, with_header: bool) -> str:
     host = f"[{host}]" if ":" in host else host
     body = (
         f"[superlink.{opts.connection}]\n"
-        f"address = {_toml_str(f'{host}:{opts.port}')}\n"
-        f"root-certificates = {_toml_str(str(ca_cert))}\n"
+        f"address = {toml_str(f'{host}:{opts.port}')}\n"
+        f"root-certificates = {toml_str(str(ca_cert))}\n"
     )
     if not with_header:
         return (

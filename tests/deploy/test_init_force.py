@@ -20,7 +20,8 @@ import tomli as tomllib
 from cryptography import x509
 
 import deploy.tree
-from deploy.init import InitOptions, _toml_str, init_main, node_config_toml
+from deploy.config_text import toml_str
+from deploy.init import InitOptions, init_main, node_config_toml
 from deploy.sites import site_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ def test_non_utf8_arguments_from_a_real_shell_give_an_error_not_a_traceback(tmp_
 @pytest.mark.parametrize("char", [chr(c) for c in (*range(0x20), 0x7F)] + ['"', "\\", "é", "\u2028"])
 def test_toml_strings_round_trip_every_control_character(char: str) -> None:
     value = f"/data/a{char}b"
-    assert tomllib.loads(f"k = {_toml_str(value)}\n")["k"] == value
+    assert tomllib.loads(f"k = {toml_str(value)}\n")["k"] == value
 
 
 def test_node_config_with_a_del_character_still_parses(tmp_path: Path) -> None:
