@@ -135,4 +135,5 @@ def test_readme_deploy_steps_two_sites_dp_on_two_studies(tmp_path: Path) -> None
                          "per-study DP budget (issue 19 item 3, run config dp-study-epsilon), not merged here")
         second = _study(fed, run_block, fed.env("cli"), checkout, "study-2")
         assert second != first
-        _trained_by_both(second, budget)
+        spent_second = _trained_by_both(second, budget)  # lifetime spending, still within the budget
+        assert all(spent_second[site] > spent_first[site] for site in SITES), (spent_first, spent_second)
