@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("app.predict", "predict_main", "apply a trained model to a NIfTI file or DICOM series"),
     "report": ("app.report", "report_main", "(re)build a run's report.md and plots"),
     "export": ("app.export_bundle", "export_main", "export a run's final model as a MONAI bundle"),
-    "deploy": ("app.cli", "deploy_main", "deploy init|register|sites: deployment material, site registration, sites by node id"),
+    "deploy": ("app.cli", "deploy_main", "deploy init DIR --sites a,b,c: CA, certificates, site keys and configs"),
     "privacy": ("app.cli", "privacy_main", "privacy show DATA_PATH: a site's privacy ledger"),
 }
 
