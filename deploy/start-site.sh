@@ -6,7 +6,9 @@
 #
 # Environment: SUPERLINK_ADDRESS (default: from <dir>/site.env), SUPERNODE_RUNTIME_PORT (local
 # port of the SuperNode's ClientApp runtime API, default 9094; give each SuperNode on one host
-# its own), FEDIMAGING_SKIP_PREFLIGHT=1 to skip the dataset check.
+# its own; a port in use is refused), FEDIMAGING_SKIP_PREFLIGHT=1 to skip the dataset check.
+# When the SuperLink refuses the site's key, says so after Flower's exit message (which reads
+# like a network error) and what to send to the coordinator.
 # flower-supernode installs no dependencies at run time unless
 # --allow-runtime-dependency-installation is given (Flower 1.41 default); we never give it.
 set -euo pipefail
@@ -32,6 +34,7 @@ if [[ "${FEDIMAGING_SKIP_PREFLIGHT:-0}" != 1 ]]; then
 fi
 
 runtime_port=${SUPERNODE_RUNTIME_PORT:-9094}
+[[ "$runtime_port" =~ ^[0-9]{1,5}$ ]] || { echo "$0: SUPERNODE_RUNTIME_PORT=$runtime_port is not a port number" >&2; exit 2; }
 if ! python -c 'import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' \
         "$runtime_port" 2>/dev/null; then
