@@ -113,3 +113,12 @@ def test_unreachable_superlink_with_a_hostile_flwr_home_fails_loudly(link_dir: P
     # a typo in the connection name fails before anything is contacted
     typo = _script(link_dir, hostile, "--connection", "fedimagin")
     assert typo.returncode == 2 and "no connection 'fedimagin'" in typo.stderr
+
+
+def test_fedimaging_deploy_register_and_sites_route_here(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from app.cli import main
+
+    assert main(["deploy", "register", str(tmp_path / "nothing")]) == 2
+    assert "fedimaging deploy register: error:" in capsys.readouterr().err
+    assert main(["deploy", "sites", str(tmp_path / "nothing")]) == 2
+    assert "fedimaging deploy sites: error:" in capsys.readouterr().err
