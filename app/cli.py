@@ -79,8 +79,9 @@ def _nested(prog: str, actions: dict[str, tuple[str, str]], argv: list[str] | No
 
 
 def deploy_main(argv: list[str] | None = None) -> int:
-    """``fedimaging deploy init DIR --sites a,b,c``."""
-    return _nested("deploy", {"init": ("deploy.init", "init_main")}, argv)
+    """``fedimaging deploy init DIR --sites a,b,c`` | ``register DIR/superlink`` | ``sites DIR/superlink``."""
+    return _nested("deploy", {"init": ("deploy.init", "init_main"), "register": ("deploy.sites", "register_main"),
+                              "sites": ("deploy.sites", "list_main")}, argv)
 
 
 def privacy_main(argv: list[str] | None = None) -> int:
