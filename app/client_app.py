@@ -30,7 +30,7 @@ from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_confi
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
-from privacy import DPSettings, DPSiteSession, LedgerError, case_units
+from privacy import DPSettings, DPSiteSession, LedgerError, case_units, study_share
 from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks.base import device
@@ -140,7 +140,11 @@ def train(msg: Message, context: Context) -> Message:
     epochs = int(config.get("local-epochs", rt.run.local_epochs))
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
-        study_epsilon = float(config.get("dp-study-epsilon", rt.run.dp_study_epsilon))
+        try:
+            study_epsilon = float(config.get("dp-study-epsilon", rt.run.dp_study_epsilon))
+            study_share(study_epsilon, rt.site.dp_epsilon)
+        except (TypeError, ValueError):
+            return Message(content=_refusal(rt, "privacy-bad-study-epsilon"), reply_to=msg)
         try:
             session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs, study_epsilon)
         except LedgerError as exc:  # the budget spent is unknown: never train, never send the path

@@ -1,10 +1,12 @@
-"""Noise calibration: the smallest noise multiplier that makes a run end exactly at the budget.
+"""Noise calibration: the smallest noise multiplier that makes a study end exactly at its budget.
 
-Opacus' ``get_noise_multiplier`` assumes nothing was spent before. A site's ledger usually has
-history (earlier rounds, earlier runs), so we bisect over the same Opacus accountant with
-``history + [(sigma, q, planned_steps)]``: epsilon falls monotonically as sigma grows, and the
-search (a bracketing regula falsi) always returns the in-budget end of its bracket, so the planned
-steps land at (never above) the budget, within ``epsilon_tolerance`` below it.
+Opacus' ``get_noise_multiplier`` assumes nothing was spent before and one budget. A site has
+several constraints: every training case's history (earlier studies) against the lifetime
+budget, and the study's own history against its share. We search over the same Opacus
+accountant with ``history + [(sigma, q, planned_steps)]`` for each constraint: each epsilon falls
+monotonically as sigma grows, so does their worst ratio to its target, and the search (a
+bracketing regula falsi) always returns the in-budget end of its bracket, so the planned steps
+land at (never above) the binding target, within ``epsilon_tolerance`` below it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ tiny volumes (four short studies in a row: slow on a busy machine)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from opacus.accountants import RDPAccountant
@@ -85,6 +86,18 @@ def test_a_site_with_nothing_left_refuses_with_a_reason_code(dp_runs):
     assert all(m["num-examples"] == 0 for m in train[0]["sites"].values())
     # the strategy no longer samples sites whose budget is gone: nobody trains in round 2
     assert train[1]["sites"] == {}
+
+
+def test_a_site_whose_ledger_was_deleted_refuses_with_a_code_and_no_path(dp_runs, tmp_path):
+    """Issue 18 item 1: a deleted ledger is no fresh start; the server learns a code, never the file."""
+    home = dp_runs[0]
+    state = tmp_path / "site-state"
+    shutil.copytree(home / "site-state", state)
+    (state / "site-a" / "privacy" / "ledger.json").unlink()
+    records = _run(home, tmp_path / "run", **{"dp-epsilon": 4.0, "dp-study-epsilon": 0.1, "num-server-rounds": 1,
+                                              "state-root": str(state)})
+    assert _train(records)[0]["excluded"] == {"site-a": "refused: privacy-ledger-error",
+                                              "site-b": "refused: privacy-budget-exhausted"}
 
 
 def test_dp_required_rejects_sites_without_dp(tmp_path):
