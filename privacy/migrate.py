@@ -62,4 +62,9 @@ def open_for_training(state_dir: str | os.PathLike, data_path: str | os.PathLike
                 f"case); if they belong to another dataset, move them out of {ledger.dir}."
             )
     ledger.reload()
+    if ledger.ledger_id is None:
+        log.warning(
+            "No privacy ledger in %s yet: DP training starts from 0 for these %d cases. If they were "
+            "trained with DP before under another state-dir, stop and point state-dir at that state "
+            "(fedimaging cannot tell).", ledger.dir, len(cases))
     return ledger
