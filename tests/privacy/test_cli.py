@@ -144,3 +144,20 @@ def test_old_ledgers_are_listed_and_migrated_explicitly(tmp_path, capsys):
     assert ledger.spent(units, DELTA) == pytest.approx(expected((1.0, 0.5, 30)), rel=1e-9)
     assert fedimaging(["privacy", "migrate", str(data), old.name]) == 1  # gone (renamed): a clear error
     assert old.name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", [{"run_id": "r", "noise_multiplier": "1.0", "sample_rate": 0.5, "steps": 30},
+                                   {"run_id": 7, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 30},
+                                   {"run_id": "r", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": [30]},
+                                   "not an entry"])
+def test_an_old_ledger_with_fields_of_the_wrong_type_is_an_error_naming_it(tmp_path, capsys, entry):
+    data = tmp_path / "d"
+    _dataset(data)
+    body = {"format": "fedimaging-privacy-ledger", "version": 1, "dataset_id": "1" * 32, "epsilon_budget": 8.0,
+            "delta": DELTA, "accountant": {"mechanism": "rdp", "history": [[1.0, 0.5, 30]]},
+            "entries": [entry], "pending": []}
+    old = data / "private" / "state" / "privacy" / f"ledger-{'1' * 32}.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"body": body, "sha256": checksum(body)}))
+    assert fedimaging(["privacy", "show", str(data)]) == 1
+    assert str(old) in capsys.readouterr().err
