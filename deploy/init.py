@@ -77,7 +77,7 @@ def node_config_toml(opts: InitOptions, site: str) -> str:
     ]
     if opts.dp_epsilon > 0:
         lines += [
-            "# Differential privacy (DP-SGD): this site's lifetime budget on this dataset.",
+            "# Differential privacy (DP-SGD): the lifetime budget per patient at this site, over all studies.",
             f"dp-epsilon = {opts.dp_epsilon!r}",
             f"dp-delta = {opts.dp_delta!r}",
             f"dp-max-grad-norm = {opts.dp_max_grad_norm!r}",
