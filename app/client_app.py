@@ -27,11 +27,11 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
 from privacy import DPSettings, DPSiteSession, dataset_id_for
-from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks.base import device
 from tasks.data import SiteDataCache
@@ -137,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
         # A local-only model trained without DP-SGD would leak what the site's budget protects.
         return Message(content=_refusal(rt, "local baselines are not trained at a DP site"), reply_to=msg)
     shared = msg.content["arrays"]
-    epochs = int(config.get("local-epochs", rt.run.local_epochs))
+    epochs = int(config["local-epochs"])
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
         session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs)
@@ -156,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
-        lr=rt.run.round_lr(float(config.get("lr", rt.run.lr)), 0 if baseline else server_round),
+        lr=float(config["lr"]),  # the server's schedule decides each round's learning rate
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )

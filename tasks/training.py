@@ -18,6 +18,9 @@ from torch import nn
 from tasks.base import LocalTrainingOptions
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """``adam`` (default, fast convergence) or ``sgd`` (momentum 0.9; SCAFFOLD's assumption)."""
     if name == "adam":
