@@ -3,15 +3,18 @@
 What leaves the site is chosen here, by parameter name: the model's shared arrays, numeric
 metrics, the site's public name and, for SCAFFOLD, the change of its control variate. No
 file path, case name or image value is ever put into a reply; dataset errors are logged in
-full at the site and reported to the server only as a generic reason.
+full at the site and reported to the server only as a reason code (``app.site_failures``):
+every train and evaluate call is wrapped by :func:`_reported_as_code`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app.site_failures import SiteDataError, failure_code, refusal_reason
 from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
@@ -45,10 +49,6 @@ _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}
 # One DP-SGD session per (run, site, state, dataset) for the life of the process: never a new engine per round.
 _DP_SESSIONS: dict[tuple[str, str, str, str], DPSiteSession] = {}
-
-
-class SiteDataError(RuntimeError):
-    """Raised (and sent to the server) without any path or case detail."""
 
 
 @dataclass
@@ -90,10 +90,7 @@ def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
             path = rt.site.data_path
         return load_site_dataset(path, require_training=which != "unseen")
     except DatasetError as exc:
-        log.error("Site dataset is not valid: %s", exc)
-        raise SiteDataError(
-            "site dataset is not valid; the site's log names the file (fix it, e.g. re-run 'fedimaging prep')"
-        ) from None
+        raise SiteDataError(f"site dataset is not valid (fix it, e.g. re-run 'fedimaging prep'): {exc}") from exc
 
 
 def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
@@ -114,14 +111,37 @@ def _load_global(model: torch.nn.Module, arrays: ArrayRecord, local: dict[str, t
     # saved its own (first round) they keep their initial values, identical at every site.
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}")
+        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}",
+                            "message-invalid")
 
 
 def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
     return ConfigRecord({"site-name": rt.site.site_name, **extra})
 
 
+def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Any failure: the full traceback in the site's log, only a reason code in the reply."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure, whatever raised it
+            code = failure_code(exc)
+            log.exception("%s failed at this site (reported to the server only as '%s')",
+                          msg.metadata.message_type, code)
+            try:
+                site = _site_record(_runtime(context), **{"refused-reason": refusal_reason(code)})
+            except Exception:  # noqa: BLE001 - the site's own config is what failed
+                site = ConfigRecord({"refused-reason": refusal_reason(code)})
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "refused": 1}), "site": site})
+            return Message(content=content, reply_to=msg)
+
+    return guarded
+
+
 @app.train(mods=[site_clipping_mod])
+@_reported_as_code
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
     rt = _runtime(context)
@@ -210,7 +230,7 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
         try:
             settings = DPSettings.from_node_config(node, len(dataset.training))
         except ValueError as exc:
-            raise SiteDataError(f"site DP settings: {exc}") from None
+            raise SiteDataError(f"site DP settings: {exc}", "site-config-invalid") from None
         model = rt.task.build_model().to(device())
         optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
@@ -231,6 +251,7 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
 
 
 @app.evaluate()
+@_reported_as_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
     rt = _runtime(context)

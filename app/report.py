@@ -267,7 +267,10 @@ def _status(data: RunData) -> list[str]:
     rounds = sorted({r["round"] for r in data.records if r["round"] > 0})
     done = rounds[-1] if rounds else 0
     final = (data.root / "final_model.pt").exists()
-    if final and (not isinstance(planned, int) or done >= planned):
+    failure = _read_json(data.root / "failed.json", data.notes)
+    if isinstance(failure, dict):
+        state = f"failed: {failure.get('reason', 'unknown')}"
+    elif final and (not isinstance(planned, int) or done >= planned):
         state = "complete"
     elif final:
         state = f"stopped early after round {done}"

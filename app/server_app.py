@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.config import RunConfig, parse_run_config, strategy_settings
 from app.tensorboard_log import TensorBoardLog
-from strategies import RunDirectory, build_strategy
+from strategies import NoSiteTrained, RunDirectory, build_strategy
 from tasks import get_task
 
 log = logging.getLogger("fedimaging.server")
@@ -95,24 +95,31 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     strategy.on_round_end = on_round_end
     # The sites key their state by the run; the strategy adds each round's epochs and lr.
     common = {"run-key": run_dir.name}
-    strategy.run(
-        grid,
-        ArrayRecord(model.state_dict()),
-        train_config=ConfigRecord(common),
-        evaluate_config=ConfigRecord(common),
-    )
-    if board is not None:
-        board.close()
-    _print_final(directory, settings.best_metric)
     try:
-        from app.report import write_report
-    except ImportError:  # report module not installed in this build
-        write_report = None
-    if write_report is not None:
-        report = write_report(run_dir)
-        print(f"Report: {report}", flush=True)
+        strategy.run(
+            grid,
+            ArrayRecord(model.state_dict()),
+            train_config=ConfigRecord(common),
+            evaluate_config=ConfigRecord(common),
+        )
+    except NoSiteTrained as exc:
+        _write_report(run_dir)
+        print(f"Run failed: {exc}", flush=True)
+        print(f"Run directory: {run_dir}", flush=True)
+        raise
+    finally:
+        if board is not None:
+            board.close()
+    _print_final(directory, settings.best_metric)
+    _write_report(run_dir)
     print(f"Run directory: {run_dir}", flush=True)
     return run_dir
+
+
+def _write_report(run_dir: Path) -> None:
+    from app.report import write_report
+
+    print(f"Report: {write_report(run_dir)}", flush=True)
 
 
 def _console_printer(metric: str):

@@ -159,6 +159,9 @@ def _metric_of(reply: Message, metric: str) -> tuple[float | None, str | None]:
     if reply.has_error():
         return None, validation.short(f"error reply (code {reply.error.code}): {reply.error.reason}")
     metrics = reply.content.metric_records.get("metrics")
+    if validation.is_refusal(metrics):
+        site_cfg = reply.content.config_records.get("site")
+        return None, validation.short(f"refused: {site_cfg.get('refused-reason', 'unspecified') if site_cfg else 'unspecified'}")
     if metrics is None or metric not in metrics:
         return None, f"no '{metric}' in the reply"
     value = metrics[metric]

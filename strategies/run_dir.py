@@ -111,6 +111,14 @@ class RunDirectory:
     def write_cross_site(self, result: Mapping[str, Any]) -> None:
         atomic_write_json(self.cross_site_path, json_safe(dict(result)))
 
+    @property
+    def failure_path(self) -> Path:
+        return self.root / "failed.json"
+
+    def write_failure(self, reason: str) -> None:
+        """``failed.json``: the run ended without a trained model, and why (the report reads it)."""
+        atomic_write_json(self.failure_path, {"status": "failed", "reason": reason})
+
     # --- metrics.jsonl ---------------------------------------------------------------------
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line (fsynced)."""

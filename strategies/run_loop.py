@@ -123,7 +123,8 @@ def end_of_round(strategy: FedImagingFedAvg, grid: Grid, user_fn: EvaluateFn | N
             pending["seconds"] = round(pending["seconds"] + time.monotonic() - t0, 3)
     if strategy.pending_evaluate is not None:
         run_dir.append_metrics(strategy.pending_evaluate)
-    server_state.update_checkpoints(strategy, rnd)
+    if trained_rounds(strategy):  # a model no site trained is no checkpoint (and never the best)
+        server_state.update_checkpoints(strategy, rnd)
     strategy.pending_evaluate = None
     every = strategy.settings.cross_site_every
     if every and rnd % every == 0 and rnd < strategy.num_rounds:
@@ -152,6 +153,14 @@ def finish(strategy: FedImagingFedAvg) -> None:
     """
     assert strategy.global_arrays is not None
     run_dir = strategy.run_dir
+    if not trained_rounds(strategy):
+        reasons = sorted({reason for r in run_dir.read_metrics() if r.get("phase") == "train"
+                          for reason in (r.get("excluded") or {}).values()})
+        message = ("no site trained in any round, so there is no federated model (no final_model.pt, "
+                   f"no best.pt). Reasons the sites gave: {'; '.join(reasons[:5]) or 'none'}")
+        run_dir.write_failure(message)
+        log(WARNING, "Run failed: %s", message)
+        raise NoSiteTrained(message)
     run_dir.save_final_model(strategy.global_arrays)
     run_dir.save_checkpoint("last", strategy.global_arrays)
     if not (run_dir.checkpoints_dir / "best.pt").exists():

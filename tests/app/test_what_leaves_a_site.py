@@ -110,3 +110,75 @@ def test_metrics_count_cases_not_batches(captured):
         # small demo: 4 training cases per site; 4 cases / batch 2 = 2 steps per epoch
         assert metrics["num-examples"] == 4
         assert np.isfinite(metrics["loss"])
+
+
+@pytest.fixture(scope="module")
+def failing(captured, tmp_path_factory):
+    """A study whose sites fail in three ways: a label that is not gzip, no dataset, a bad dataset.json."""
+    import logging
+    import shutil
+
+    _, home, _ = captured
+    good = next(p.parent for p in sorted(home.rglob("dataset.json")) if "site-a" in str(p))
+    root = tmp_path_factory.mktemp("failing")
+    sites = root / "hospital-data"
+    shutil.copytree(good, sites / "site-0")
+    shutil.copytree(good, sites / "site-1")
+    label = sorted((sites / "site-1" / "labelsTr").iterdir())[0]
+    label.write_bytes(b"this is not a gzip file")  # nibabel raises, not DatasetError
+    (sites / "site-2").mkdir()
+    (sites / "site-2" / "dataset.json").write_text('{"training": [{"image": "/etc/passwd"}]}')
+    raw = {**TINY, "local-baselines": False, "home": str(root), "run-dir": str(root / "run"),
+           "data-path-template": str(sites / "{site}"), "strategy": "fedavg"}
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], raw)
+    handler = _ListHandler()
+    logger = logging.getLogger("fedimaging.site")
+    logger.addHandler(handler)
+    try:
+        run_study(grid, raw, run_id=8)
+    finally:
+        logger.removeHandler(handler)
+    return grid.replies, root, label, handler.text()
+
+
+class _ListHandler(__import__("logging").Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def test_a_failing_site_reports_a_reason_code_and_no_path(failing):
+    import json
+
+    from app.site_failures import CODES, refusal_reason
+
+    replies, root, label, _ = failing
+    allowed = {refusal_reason(code) for code in CODES}
+    reasons = []
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason  # nothing escapes as Flower's error text
+        site = reply.content.config_records.get("site")
+        if site is not None and "refused-reason" in site:
+            reasons.append(site["refused-reason"])
+            assert site["refused-reason"] in allowed
+    assert refusal_reason("dataset-unreadable") in reasons  # site-1's label
+    assert refusal_reason("dataset-invalid") in reasons  # site-2's dataset.json
+    # what the server stored
+    lines = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    excluded = {site: reason for line in lines for site, reason in line["excluded"].items()}
+    assert set(excluded) == {"site-1", "site-2"}
+    for reason in excluded.values():
+        assert str(root) not in reason and "/" not in reason and label.name not in reason
+    assert lines[0]["sites"]["site-0"]["num-examples"] == 4  # the good site still trained
+
+
+def test_a_failing_site_logs_the_full_error_at_the_site(failing):
+    _, root, label, site_log = failing
+    assert label.name in site_log  # the operator can find the file
+    assert "Traceback" in site_log and "site-2" in site_log

@@ -284,3 +284,42 @@ def test_missing_reply_is_recorded(tmp_path):
     np.testing.assert_array_equal(arrays["conv.weight"].numpy(), _model(1)["conv.weight"])
     line = json.loads(strategy.run_dir.metrics_path.read_text().splitlines()[-1])
     assert line["excluded"] == {"node-2": "no reply before the round timeout"}
+
+
+def _failing_site(name):
+    def answer(msg):
+        if msg.metadata.message_type == "evaluate":
+            return eval_reply(4, name, dice=0.2)
+        return refusal(name, "site-failure dataset-invalid: the site's dataset failed validation")
+    return answer
+
+
+def test_a_run_in_which_no_site_trained_ends_as_failed(tmp_path, caplog):
+    from strategies import NoSiteTrained
+
+    strategy = _strategy(tmp_path, num_server_rounds=2, cross_site=True)
+    sites = {1: _failing_site("a"), 2: _failing_site("b")}
+    with pytest.raises(NoSiteTrained, match="no site trained.*dataset-invalid"):
+        strategy.run(FakeGrid(sites), _record(_model(0)))
+    run = tmp_path / "run"
+    assert not (run / "final_model.pt").exists()
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "checkpoints" / "last.pt").exists()
+    assert not (run / "cross_site.json").exists()
+    assert json.loads((run / "failed.json").read_text())["status"] == "failed"
+    assert "New best" not in caplog.text  # the untrained model's dice is never "best"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["phase"]) for r in lines] == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+
+
+def test_checkpoints_start_with_the_first_round_a_site_trained(tmp_path):
+    trained = _sites()
+
+    def late(msg):  # refuses in round 1, trains from round 2
+        if msg.metadata.message_type == "train" and msg.content.config_records["config"]["server-round"] == 1:
+            return refusal("site-1", "busy")
+        return trained[1](msg)
+
+    strategy = _strategy(tmp_path, num_server_rounds=2)
+    strategy.run(FakeGrid({1: late}), _record(initial_model()))
+    assert strategy.best["round"] == 2
+    assert (tmp_path / "run" / "final_model.pt").exists()
