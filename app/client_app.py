@@ -44,6 +44,19 @@ from tasks.training import make_optimizer
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()
 
+
+def _site_console() -> None:
+    """Site progress and failures on the SuperNode's console: Flower configures only its own logger."""
+    package = logging.getLogger("fedimaging")
+    if not logging.getLogger().handlers and not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+_site_console()
+
 # Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
 _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}

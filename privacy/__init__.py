@@ -5,6 +5,11 @@ torch + opacus only (never flwr or monai). Entry points: ``DPSiteSession`` (one 
 ``calibrate_noise_multiplier``; ``privacy.cli.show_main`` backs ``fedimaging privacy show``.
 """
 
+from fedimaging.quiet import root_logging_kept
+
+with root_logging_kept():  # opacus calls logging.basicConfig on import (every log line twice)
+    import opacus  # noqa: F401
+
 from privacy.calibrate import BudgetExhausted, calibrate_noise_multiplier, planned_steps
 from privacy.engine import NotDPCompatible, is_dp_compatible, make_dp_compatible
 from privacy.ledger import (

@@ -8,6 +8,8 @@ stays under ``cache_max_mb`` (the rest is recomputed on access).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import Case
+
+log = logging.getLogger("fedimaging.tasks")
 
 
 def estimated_bytes(cases: tuple[Case, ...], spacing: tuple[float, float, float], channels: int = 2) -> int:
@@ -104,6 +108,9 @@ def cached_site_data(
     """Cache a site's train (and test) cases within ``budget_mb`` (split between the two)."""
     from monai.data import CacheDataset
 
+    log.info("Preparing the site's data: loading and resampling %d training and %d test cases "
+             "(first round only; kept in memory afterwards)", len(train_items), len(test_items))
+    started = time.monotonic()
     budget = budget_mb // 2 if test_items else budget_mb
     train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
                          cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
@@ -111,4 +118,5 @@ def cached_site_data(
     if test_items:
         test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
                             cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+    log.info("Prepared the site's data in %.1f s", time.monotonic() - started)
     return SiteData(train, test, len(train_items), modality)

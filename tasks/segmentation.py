@@ -7,7 +7,9 @@ converted to mm for HD95.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -40,6 +42,8 @@ from tasks.data import SiteData, cached_site_data, seeded_generator
 from tasks.training import train_dp, train_local
 
 KEYS = ("image", "label")
+# MONAI's labels for axcodes (its current default, given explicitly: the default is about to change)
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def intensity_transform(modality: str, ct_window: tuple[float, float]):
@@ -49,13 +53,25 @@ def intensity_transform(modality: str, ct_window: tuple[float, float]):
     return NormalizeIntensityd("image", nonzero=True)
 
 
+def quiet_load_images(keys) -> LoadImaged:
+    """MONAI's loader, without its notice that the optional GPU DICOM codec is missing.
+
+    ``LoadImaged`` sets up every reader it knows, DICOM's GPU codec included, and each one
+    warns when nvImageCodec is not installed; our inputs are NIfTI, so the notice says nothing.
+    """
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
+        return LoadImaged(keys, image_only=True)
+
+
 def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
     """Deterministic part of the chain (cached): load, channel-first, RAS, resample, normalise."""
     modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
     return [
-        LoadImaged(keys, image_only=True),
+        quiet_load_images(keys),
         EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS"),
+        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
         Spacingd(keys, pixdim=spacing, mode=modes),
         intensity_transform(modality, ct_window),
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
@@ -170,7 +186,12 @@ class SegmentationTask(Task):
             pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)
             truth = one_hot(label.long(), self.num_classes)
             dice(pred, truth)
-            hd95(pred, truth, spacing=list(self.settings.spacing))
+            with warnings.catch_warnings():
+                # A class absent from prediction or truth gives inf/NaN, which is skipped below;
+                # MONAI also warns about its own internal use of a deprecated argument.
+                warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
+                warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
+                hd95(pred, truth, spacing=list(self.settings.spacing))
         per_class = dice.aggregate().cpu().numpy()  # NaN for a class no test case contains
         distances = hd95.aggregate().cpu().numpy()
         finite = distances[np.isfinite(distances)]
