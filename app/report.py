@@ -24,7 +24,7 @@ from typing import Any
 
 from app import report_plots as plots
 from app.console import format_table
-from fedimaging.io import atomic_write_text
+from fedimaging.io import atomic_write_text, read_json_object
 
 REPORT_NAME = "report.md"
 PLOT_PREFIX = "report-"
@@ -68,9 +68,9 @@ def _read_json(path: Path, notes: list[str]) -> Any:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        notes.append(f"`{path.name}` could not be read ({type(exc).__name__}); its section is left out.")
+        return read_json_object(path)
+    except ValueError as exc:
+        notes.append(f"`{path.name}` could not be read (not a readable JSON object); its section is left out.")
         return None
 
 

@@ -38,8 +38,8 @@ from torch import nn
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
-from tasks.data import SiteData, cached_site_data, seeded_generator
-from tasks.training import train_dp, train_local
+from tasks.data import SiteData, cached_site_data
+from tasks.training import train_round
 
 KEYS = ("image", "label")
 # MONAI's labels for axcodes (its current default, given explicitly: the default is about to change)
@@ -131,26 +131,7 @@ class SegmentationTask(Task):
         )
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
-        dev = device()
-        model.to(dev)
-        site_data.reseed(options.seed)
-
-        def batches(epoch: int):
-            loader = DataLoader(
-                site_data.train, batch_size=self.settings.batch_size, shuffle=True, num_workers=0,
-                generator=seeded_generator(options.seed * 1000 + epoch),
-            )
-            yield from loader
-
-        def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
-            return self.loss_fn(net(batch["image"].to(dev)), batch["label"].to(dev))
-
-        if options.dp is not None:
-            loss, steps, seconds = train_dp(options.dp, options.epochs, self.split_batch, self.per_sample_loss)
-            return TrainResult(site_data.num_train_cases, loss, steps, seconds)
-        lr = options.lr if options.lr is not None else self.settings.lr
-        loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
-        return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+        return train_round(self, model, site_data, options, batch_loss=self.loss_fn)
 
     def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Dice + cross-entropy per sample (DiceCELoss without batch reduction), for DP-SGD."""

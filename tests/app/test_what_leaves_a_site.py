@@ -7,7 +7,10 @@ any other text leaves a site.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,8 @@ TINY = {
     "local-baselines": True, "strategy": "scaffold", "optimizer": "sgd", "lr": 0.01,
 }
 SITE_KEYS = {"site-name", "refused-reason", "eval-dataset"}
+README = Path(__file__).resolve().parents[2] / "README.md"
+CONSOLE: dict[str, str] = {}  # what the captured study printed
 
 
 class CapturingGrid(LocalGrid):
@@ -43,7 +48,10 @@ def captured(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     raw = {**TINY, "home": str(home), "run-dir": str(home / "run")}
     grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], raw)
-    run_study(grid, raw, run_id=7)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_study(grid, raw, run_id=7)
+    CONSOLE["stdout"] = out.getvalue()
     config = parse_run_config(raw)
     model = get_task(config.task, config.task_settings()).build_model()
     return grid.replies, home, {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -182,3 +190,34 @@ def test_a_failing_site_logs_the_full_error_at_the_site(failing):
     _, root, label, site_log = failing
     assert label.name in site_log  # the operator can find the file
     assert "Traceback" in site_log and "site-2" in site_log
+
+
+def _readme_console_block() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### What you see"):]
+    return section.split("```\n", 2)[1].splitlines()
+
+
+def _shape(line: str) -> str:
+    """A console line with its numbers and paths replaced: what must match between runs."""
+    line = re.sub(r"(Run directory|Report): .*", r"\1: PATH", line)
+    return re.sub(r"-?\d+(\.\d+)?", "N", line)
+
+
+def _column_ends(line: str) -> list[int]:
+    return [m.end() for m in re.finditer(r"\S+", line)]
+
+
+def test_the_readme_shows_what_a_real_run_prints(captured):
+    real = CONSOLE["stdout"].splitlines()
+    shown = [line for line in _readme_console_block() if line.strip() != "..."]
+    assert shown[1:3] == real[1:3]  # column titles and rule, character for character
+    real_rows = [line for line in real if re.match(r"\s+\d+\s", line)]
+    shown_rows = [line for line in shown if re.match(r"\s+\d+\s", line)]
+    assert real_rows and shown_rows
+    for row in shown_rows:  # right-aligned columns end where the real ones do
+        assert _column_ends(row) == _column_ends(real_rows[0]), row
+        assert _shape(row) == _shape(real_rows[0]), row
+    # the other lines, in order: run directory, (table), final result, report, run directory
+    others = lambda lines: [_shape(x) for x in lines if not re.match(r"\s+\d+\s|round |-+$", x)]  # noqa: E731
+    assert others(shown) == others(real)
