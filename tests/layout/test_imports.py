@@ -14,9 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("app", "strategies", "tasks", "data_prep", "privacy", "fedimaging", "deploy", "bench")
 MAX_LINES = 350
-# Known to be over the limit, to be split next (issue 16 item 4: predict reuses data_prep's series
-# conversion; report's sections move to their own module). Nothing may be added to this list.
-OVER_LIMIT = {"app/predict.py", "app/report.py"}
+# Known to be over the limit, to be split next (issue 16 item 4: predict's DICOM and model loading
+# into their own modules, once the concurrent edits to predict.py have landed). Nothing may be added.
+OVER_LIMIT = {"app/predict.py"}
 
 
 def _modules() -> dict[str, Path]:
