@@ -36,10 +36,7 @@ from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
 from privacy import DPSettings, DPSiteSession, dataset_id_for
-from tasks import LocalTrainingOptions, Task, get_task
-from tasks.base import device
-from tasks.data import SiteDataCache
-from tasks.training import make_optimizer
+from tasks import LocalTrainingOptions, SiteDataCache, Task, device, get_task, make_optimizer
 
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,12 @@ def finite_number(value: Any) -> float | None:
 
 
 def read_json_noted(path: Path, notes: list[str]) -> Any:
+    """The JSON object in ``path``; None (and a note) when it is missing or unreadable."""
     if not path.exists():
         return None
     try:
         return read_json_object(path)
-    except ValueError as exc:
+    except ValueError:
         notes.append(f"`{path.name}` could not be read (not a readable JSON object); its section is left out.")
         return None
 

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
 from tasks.data import SiteData, cached_site_data
-from tasks.segmentation import preprocessing
 from tasks.training import train_round
+from tasks.transforms import preprocessing
 
 IMAGE = ("image",)
 DENSENET121 = {"init_features": 64, "growth_rate": 32, "block_config": (6, 12, 24, 16)}

@@ -1,4 +1,4 @@
-"""3D segmentation with a MONAI UNet: transforms, DiceCE training, Dice/HD95 evaluation.
+"""3D segmentation with a MONAI UNet: augmentation, DiceCE training, Dice/HD95 evaluation.
 
 Evaluation runs sliding-window inference on whole volumes at the task spacing (RAS,
 resampled), which is where the model works; metrics are therefore in task-spacing voxels
@@ -7,7 +7,6 @@ converted to mm for HD95.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 
@@ -21,17 +20,10 @@ from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
-    Spacingd,
     SpatialPadd,
 )
 from torch import nn
@@ -40,43 +32,7 @@ from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
 from tasks.data import SiteData, cached_site_data
 from tasks.training import train_round
-
-KEYS = ("image", "label")
-# MONAI's labels for axcodes (its current default, given explicitly: the default is about to change)
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def intensity_transform(modality: str, ct_window: tuple[float, float]):
-    """CT: clip to a HU window and scale to [0, 1]; MR (and others): z-score inside the body."""
-    if modality == "CT":
-        return ScaleIntensityRanged("image", a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
-    return NormalizeIntensityd("image", nonzero=True)
-
-
-def quiet_load_images(keys) -> LoadImaged:
-    """MONAI's loader, without its notice that the optional GPU DICOM codec is missing.
-
-    ``LoadImaged`` sets up every reader it knows, DICOM's GPU codec included, and each one
-    warns when nvImageCodec is not installed; our inputs are NIfTI, so the notice says nothing.
-    """
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
-        return LoadImaged(keys, image_only=True)
-
-
-def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
-    """Deterministic part of the chain (cached): load, channel-first, RAS, resample, normalise."""
-    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
-    return [
-        quiet_load_images(keys),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
-        Spacingd(keys, pixdim=spacing, mode=modes),
-        intensity_transform(modality, ct_window),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=False),
-    ]
-
+from tasks.transforms import KEYS, preprocessing  # noqa: F401 - preprocessing: also predict's import
 
 class SegmentationTask(Task):
     """MONAI UNet segmentation of the dataset's labels (background + foreground classes)."""
