@@ -12,6 +12,7 @@ from app.client_app import app as client_app
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from privacy import PrivacyLedger
+from strategies import NoSiteTrained
 
 TINY = {
     "num-server-rounds": 2, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16",
@@ -19,10 +20,17 @@ TINY = {
 }
 
 
-def _run(home, run_dir, **extra):
+def _run(home, run_dir, nobody_trains=False, **extra):
     raw = {**TINY, "home": str(home), "run-dir": str(run_dir), **extra}
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
-    run_study(grid, raw, run_id=11)
+    if nobody_trains:  # a run in which no site trained fails, without a model written as if trained
+        with pytest.raises(NoSiteTrained):
+            run_study(grid, raw, run_id=11)
+        assert json.loads((run_dir / "failed.json").read_text())["status"] == "failed"
+        assert not (run_dir / "final_model.pt").exists() and not (run_dir / "checkpoints" / "best.pt").exists()
+        assert "status | failed" in (run_dir / "report.md").read_text()
+    else:
+        run_study(grid, raw, run_id=11)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -30,7 +38,7 @@ def _run(home, run_dir, **extra):
 def dp_runs(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     first = _run(home, home / "run1", **{"dp-epsilon": 4.0})
-    second = _run(home, home / "run2", **{"dp-epsilon": 4.0})
+    second = _run(home, home / "run2", nobody_trains=True, **{"dp-epsilon": 4.0})
     return home, first, second
 
 
@@ -64,7 +72,7 @@ def test_the_ledger_spans_runs_and_an_exhausted_site_refuses(dp_runs):
 
 
 def test_dp_required_rejects_sites_without_dp(tmp_path):
-    records = _run(tmp_path, tmp_path / "run", **{"dp-required": True, "num-server-rounds": 1})
+    records = _run(tmp_path, tmp_path / "run", nobody_trains=True, **{"dp-required": True, "num-server-rounds": 1})
     excluded = records[0]["excluded"]
     assert set(excluded) == {"site-a", "site-b"}
     assert all("dp-required" in reason for reason in excluded.values())

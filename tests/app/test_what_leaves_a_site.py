@@ -201,7 +201,7 @@ def _readme_console_block() -> list[str]:
 def _shape(line: str) -> str:
     """A console line with its numbers and paths replaced: what must match between runs."""
     line = re.sub(r"(Run directory|Report): .*", r"\1: PATH", line)
-    return re.sub(r"-?\d+(\.\d+)?", "N", line)
+    return " ".join(re.sub(r"-?\d+(\.\d+)?", "N", line).split())
 
 
 def _column_ends(line: str) -> list[int]:
