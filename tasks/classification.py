@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
-from tasks.data import SiteData, cached_site_data
+from tasks.data import SiteData, prepare_site_data
 from tasks.training import train_round
 from tasks.transforms import preprocessing
 
@@ -123,12 +123,8 @@ class ClassificationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.training]
-        test_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.test if c.label is not None]
-        return cached_site_data(
-            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            self.inference_transform(dataset.modality), s.spacing, s.cache_max_mb, channels=1,
-        )
+        return prepare_site_data(dataset, s, Compose(train_chain), self.inference_transform(dataset.modality),
+                                 label=int, channels=1)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         n, batch_size = len(site_data.train), self.settings.batch_size

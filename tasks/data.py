@@ -120,3 +120,16 @@ def cached_site_data(
                             cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
     log.info("Prepared the site's data in %.1f s", time.monotonic() - started)
     return SiteData(train, test, len(train_items), modality)
+
+
+def prepare_site_data(dataset: Any, settings: Any, train_transform: Any, test_transform: Any,
+                      label: Callable[[Any], Any], channels: int) -> SiteData:
+    """The prepare step both tasks share: the dataset's case lists, cached through the transforms.
+
+    ``label`` turns a case's label (a path or a class index) into what the transforms expect;
+    test cases without a label are not evaluated.
+    """
+    train_items = [{"image": str(c.image), "label": label(c.label)} for c in dataset.training]
+    test_items = [{"image": str(c.image), "label": label(c.label)} for c in dataset.test if c.label is not None]
+    return cached_site_data(dataset, dataset.modality, train_items, test_items, train_transform, test_transform,
+                            settings.spacing, settings.cache_max_mb, channels=channels)

@@ -30,7 +30,7 @@ from torch import nn
 
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
-from tasks.data import SiteData, cached_site_data
+from tasks.data import SiteData, prepare_site_data
 from tasks.training import train_round
 from tasks.transforms import KEYS, preprocessing  # noqa: F401 - preprocessing: also predict's import
 
@@ -79,12 +79,8 @@ class SegmentationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.training]
-        test_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.test if c.label is not None]
-        return cached_site_data(
-            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)), s.spacing, s.cache_max_mb, channels=2,
-        )
+        return prepare_site_data(dataset, s, Compose(train_chain),
+                                 Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)), label=str, channels=2)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
         return train_round(self, model, site_data, options, batch_loss=self.loss_fn)
