@@ -15,6 +15,8 @@ from pathlib import Path
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prep": ("data_prep.prep_cli", "main", "DICOM folders to a de-identified site dataset"),
+    "import": ("data_prep.import_cli", "main", "a NIfTI data set (MSD, nnU-Net raw, folders) to a de-identified site dataset"),
+    "split": ("data_prep.split", "split_main", "research only: one site dataset to N simulated sites"),
     "demo-data": ("app.cli", "demo_data_main", "write the synthetic demo federation"),
     "predict": ("app.predict", "predict_main", "apply a trained model to a NIfTI file or DICOM series"),
     "report": ("app.report", "report_main", "(re)build a run's report.md and plots"),

@@ -26,6 +26,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
@@ -228,6 +229,17 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
     if session is not None:
         metrics["dp-epsilon-spent"] = float(session.spent())
     return RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(rt, **{"refused-reason": reason})})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Before round 1: the site's image channel names and count (no path, no case data)."""
+    rt = _runtime(context)
+    dataset = _dataset(rt)
+    names = sendable_channel_names(list(dataset.channel_names or (dataset.modality,)))
+    reply = RecordDict({"site": _site_record(rt, **{"channel-names": names}),
+                        "metrics": MetricRecord({"num-channels": len(names)})})
+    return Message(content=reply, reply_to=msg)
 
 
 @app.evaluate()

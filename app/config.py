@@ -119,6 +119,7 @@ class RunConfig:
     num_res_units: int = TaskSettings.num_res_units
     ct_window: tuple[float, float] = TaskSettings.ct_window
     cache_max_mb: int = TaskSettings.cache_max_mb
+    in_channels: int = TaskSettings.in_channels
 
     @property
     def home_path(self) -> Path:
@@ -168,6 +169,7 @@ class RunConfig:
             channels=self.channels,
             num_res_units=self.num_res_units,
             cache_max_mb=self.cache_max_mb,
+            in_channels=self.in_channels,
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
             seed=self.seed,
@@ -246,6 +248,7 @@ def _validate(c: RunConfig) -> None:
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
         (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",
          "letters, digits, '.', '_' and '-' only"),

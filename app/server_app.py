@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from app.config import RunConfig, parse_run_config
+from app.preflight import check_site_channels
 from app.tensorboard_log import TensorBoardLog
 from strategies import RunDirectory, StrategySettings, build_strategy
 from tasks import get_task
@@ -120,6 +121,7 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     )
     min_sites = run.demo_sites if run.uses_demo else run.min_available_sites
     _wait_for_sites(grid, run, min_sites)
+    check_site_channels(grid, run.in_channels, run_dir, run.round_timeout_s)  # stops before round 1
     settings = strategy_settings(run, task.best_metric, min_sites)
     strategy = build_strategy(settings, directory, local_names)
     printer = _console_printer(settings.best_metric)

@@ -35,6 +35,12 @@ class Case:
     name: str
     image: Path
     label: Path | int | None
+    channels: tuple[Path, ...] = ()  # every channel file (``<case>_0000``, ``_0001``, ...), image first
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """The channel files of this case (one for a single-channel dataset)."""
+        return self.channels or (self.image,)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class SiteDataset:
     test: tuple[Case, ...]
     kind: str  # "segmentation" (label maps) or "classification" (class index per case)
     extra: dict[str, Any] = field(default_factory=dict)
+    channel_names: tuple[str, ...] = ()  # from dataset.json, in channel order
+
+    @property
+    def num_channels(self) -> int:
+        return max(1, len(self.channel_names))
 
     @property
     def foreground_labels(self) -> dict[str, int]:
@@ -116,8 +127,21 @@ def _check_geometry(image: Path, label: Path, where: str, labels: dict[str, int]
         )
 
 
+def _channel_files(root: Path, image: Path, image_rel: str, n: int, where: str) -> tuple[Path, ...]:
+    """All channel files of a case, named as nnU-Net v2 does: ``<case>_0000``, ``<case>_0001``, ..."""
+    if n == 1:
+        return ()
+    stem = next((image_rel[: -len(e)] for e in (FILE_ENDING, ".nii") if image_rel.endswith(e)), None)
+    if stem is None or not stem.endswith("_0000"):
+        raise DatasetError(f"{where}: with {n} channels, image {image_rel!r} must be named <case>_0000{FILE_ENDING}")
+    ending = image_rel[len(stem):]
+    return (image,) + tuple(
+        _resolve_inside(root, f"{stem[:-4]}{c:04d}{ending}", f"{where} channel {c}") for c in range(1, n)
+    )
+
+
 def _parse_cases(
-    root: Path, entries: Any, list_name: str, labels: dict[str, int], check_geometry: bool
+    root: Path, entries: Any, list_name: str, labels: dict[str, int], check_geometry: bool, n_channels: int = 1
 ) -> tuple[tuple[Case, ...], str | None]:
     if not isinstance(entries, list):
         raise DatasetError(f"{root / DATASET_JSON}: '{list_name}' must be a list")
@@ -127,6 +151,7 @@ def _parse_cases(
         if not isinstance(entry, dict) or "image" not in entry:
             raise DatasetError(f"{where}: expected an object with an 'image' path")
         image = _resolve_inside(root, entry["image"], where)
+        channels = _channel_files(root, image, entry["image"], n_channels, where)
         raw_label = entry.get("label")
         label: Path | int | None
         if raw_label is None:
@@ -148,8 +173,9 @@ def _parse_cases(
             label = _resolve_inside(root, raw_label, where)
             kinds.add("segmentation")
             if check_geometry:
-                _check_geometry(image, label, where, labels)
-        cases.append(Case(_case_name(entry["image"]), image, label))
+                for channel in channels or (image,):
+                    _check_geometry(channel, label, where, labels)
+        cases.append(Case(_case_name(entry["image"]), image, label, channels))
     if len(kinds) > 1:
         raise DatasetError(f"{root / DATASET_JSON}: '{list_name}' mixes class indices and label maps")
     return tuple(cases), next(iter(kinds), None)
@@ -186,14 +212,22 @@ def load_site_dataset(
     ):
         raise DatasetError(f"{manifest}: 'labels' must map names to integer values")
     channels = meta["channel_names"]
-    if not isinstance(channels, dict) or len(channels) != 1:
-        raise DatasetError(f"{manifest}: 'channel_names' must name exactly one channel")
+    if (
+        not isinstance(channels, dict)
+        or not channels
+        or sorted(channels, key=lambda k: (len(k), k)) != [str(i) for i in range(len(channels))]
+        or not all(isinstance(v, str) and v.strip() for v in channels.values())
+    ):
+        raise DatasetError(
+            f"{manifest}: 'channel_names' must map channel indices \"0\"..\"N-1\" to names, got {channels!r}"
+        )
+    channel_names = tuple(channels[str(i)].strip() for i in range(len(channels)))
     if meta.get("file_ending", FILE_ENDING) not in (FILE_ENDING, ".nii"):
         raise DatasetError(f"{manifest}: file_ending {meta['file_ending']!r} is not NIfTI")
-    training, kind = _parse_cases(root, meta["training"], "training", labels, check_geometry)
+    training, kind = _parse_cases(root, meta["training"], "training", labels, check_geometry, len(channel_names))
     if not training and require_training:
         raise DatasetError(f"{manifest}: the 'training' list is empty; a site needs training cases")
-    test, test_kind = _parse_cases(root, meta.get("test", []), "test", labels, check_geometry)
+    test, test_kind = _parse_cases(root, meta.get("test", []), "test", labels, check_geometry, len(channel_names))
     kind = kind or test_kind
     if kind is None:
         raise DatasetError(f"{manifest}: no case has a label (training cases need label maps or class indices)")
@@ -204,12 +238,13 @@ def load_site_dataset(
     return SiteDataset(
         root=root,
         name=str(meta["name"]),
-        modality=str(next(iter(channels.values()))).upper(),
+        modality=channel_names[0].upper(),
         labels=dict(labels),
         training=training,
         test=test,
         kind=kind,
         extra={k: v for k, v in meta.items() if k not in {"training", "test"}},
+        channel_names=channel_names,
     )
 
 
@@ -220,12 +255,16 @@ def write_dataset_json(
     labels: dict[str, int],
     training: list[dict[str, Any]],
     test: list[dict[str, Any]],
+    channel_names: dict[str, str] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write ``dataset.json`` (nnU-Net v2 / MSD style) atomically and return its path."""
+    """Write ``dataset.json`` (nnU-Net v2 / MSD style) atomically and return its path.
+
+    ``channel_names`` (index -> name) for multi-channel images; default one channel, ``modality``.
+    """
     meta = {
         "name": name,
-        "channel_names": {"0": modality},
+        "channel_names": channel_names or {"0": modality},
         "labels": labels,
         "numTraining": len(training),
         "numTest": len(test),

@@ -34,6 +34,7 @@ class TaskSettings:
     cache_max_mb: int = 2048
     classification_size: tuple[int, int, int] = (64, 64, 64)
     dp_compatible: bool = False  # model built without BatchNorm (Opacus)
+    in_channels: int = 1  # image channels (dataset.json channel_names); every site must agree
     seed: int = 42
 
 

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from data_prep.site_dataset import SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
 from tasks.data import SiteData, cached_site_data, seeded_generator
-from tasks.segmentation import preprocessing
+from tasks.segmentation import check_channels, image_item, preprocessing
 from tasks.training import train_dp, train_local
 
 IMAGE = ("image",)
@@ -89,15 +89,18 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.settings.seed)
-        model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=self.num_classes, **self.architecture)
+        model = DenseNet121(spatial_dims=3, in_channels=self.settings.in_channels, out_channels=self.num_classes, **self.architecture)
         if self.settings.dp_compatible:
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 
             model = make_dp_compatible(model)
         return model
 
-    def inference_transform(self, modality: str) -> Compose:
-        """Deterministic chain for one image: RAS, task spacing, intensity, pad/crop to size."""
+    def inference_transform(self, modality) -> Compose:
+        """Deterministic chain for one image: RAS, task spacing, intensity, pad/crop to size.
+
+        ``modality``: one channel's name (``CT``/``MR``) or the names of all channels.
+        """
         s = self.settings
         return Compose(
             preprocessing(modality, s.spacing, s.ct_window, keys=IMAGE)
@@ -114,7 +117,9 @@ class ClassificationTask(Task):
                 f"{dataset.root}: classes {dataset.labels} do not fit the model's {self.num_classes} outputs"
             )
         s = self.settings
-        train_chain = list(self.inference_transform(dataset.modality).transforms) + [
+        check_channels(dataset, s.in_channels)
+        channels = dataset.channel_names or dataset.modality
+        train_chain = list(self.inference_transform(channels).transforms) + [
             RandAffined(
                 IMAGE, prob=0.5, rotate_range=(0.12, 0.12, 0.12), scale_range=(0.08, 0.08, 0.08),
                 translate_range=(3, 3, 3), mode="bilinear", padding_mode="zeros",
@@ -123,11 +128,11 @@ class ClassificationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.training]
-        test_items = [{"image": str(c.image), "label": int(c.label)} for c in dataset.test if c.label is not None]
+        train_items = [{"image": image_item(c), "label": int(c.label)} for c in dataset.training]
+        test_items = [{"image": image_item(c), "label": int(c.label)} for c in dataset.test if c.label is not None]
         return cached_site_data(
             dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            self.inference_transform(dataset.modality), s.spacing, s.cache_max_mb, channels=1,
+            self.inference_transform(channels), s.spacing, s.cache_max_mb, channels=s.in_channels,
         )
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
@@ -161,7 +166,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) for a (B, 1, X, Y, Z) preprocessed image batch."""
+        """Logits (B, C) for a (B, channels, X, Y, Z) preprocessed image batch."""
         model.eval()
         return model(image.to(next(model.parameters()).device)).float()
 

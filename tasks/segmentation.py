@@ -22,19 +22,18 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
-    NormalizeIntensityd,
     Orientationd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 from torch import nn
 
 from data_prep.site_dataset import SiteDataset
+from tasks.channels import normalization
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
 from tasks.data import SiteData, cached_site_data, seeded_generator
 from tasks.training import train_dp, train_local
@@ -42,14 +41,29 @@ from tasks.training import train_dp, train_local
 KEYS = ("image", "label")
 
 
-def intensity_transform(modality: str, ct_window: tuple[float, float]):
-    """CT: clip to a HU window and scale to [0, 1]; MR (and others): z-score inside the body."""
-    if modality == "CT":
-        return ScaleIntensityRanged("image", a_min=ct_window[0], a_max=ct_window[1], b_min=0.0, b_max=1.0, clip=True)
-    return NormalizeIntensityd("image", nonzero=True)
+def intensity_transform(modality, ct_window: tuple[float, float]):
+    """Per channel: CT clipped to a HU window and scaled to [0, 1]; MR (and others) z-scored inside the body.
+
+    ``modality`` is one channel's name (``CT``, ``MR``) or the names of all channels.
+    """
+    return normalization(modality, ct_window)
 
 
-def preprocessing(modality: str, spacing, ct_window, keys=KEYS) -> list:
+def image_item(case) -> str | list[str]:
+    """What LoadImaged reads for a case: one file, or one file per channel (stacked as channels)."""
+    return str(case.image) if len(case.images) == 1 else [str(p) for p in case.images]
+
+
+def check_channels(dataset: SiteDataset, in_channels: int) -> None:
+    """A site's image channels must match the model's ``in_channels``; the message says what to set."""
+    if dataset.num_channels != in_channels:
+        raise ValueError(
+            f"{dataset.root}: dataset has {dataset.num_channels} channel(s) {list(dataset.channel_names)} but the "
+            f"model takes {in_channels}; set --run-config 'in-channels={dataset.num_channels}'"
+        )
+
+
+def preprocessing(modality, spacing, ct_window, keys=KEYS) -> list:
     """Deterministic part of the chain (cached): load, channel-first, RAS, resample, normalise."""
     modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
     return [
@@ -80,7 +94,7 @@ class SegmentationTask(Task):
         strides = tuple(2 for _ in range(len(s.channels) - 1))
         model = UNet(
             spatial_dims=3,
-            in_channels=1,
+            in_channels=s.in_channels,
             out_channels=self.num_classes,
             channels=s.channels,
             strides=strides,
@@ -97,7 +111,9 @@ class SegmentationTask(Task):
                 f"{dataset.root}: labels {dataset.labels} need more than the model's {self.num_classes} classes"
             )
         s = self.settings
-        train_chain = preprocessing(dataset.modality, s.spacing, s.ct_window) + [
+        check_channels(dataset, s.in_channels)
+        channels = dataset.channel_names or dataset.modality
+        train_chain = preprocessing(channels, s.spacing, s.ct_window) + [
             SpatialPadd(KEYS, spatial_size=s.roi_size),
             RandCropByPosNegLabeld(
                 KEYS, label_key="label", spatial_size=s.roi_size, pos=1, neg=1,
@@ -107,11 +123,12 @@ class SegmentationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.training]
-        test_items = [{"image": str(c.image), "label": str(c.label)} for c in dataset.test if c.label is not None]
+        train_items = [{"image": image_item(c), "label": str(c.label)} for c in dataset.training]
+        test_items = [{"image": image_item(c), "label": str(c.label)} for c in dataset.test if c.label is not None]
         return cached_site_data(
             dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            Compose(preprocessing(dataset.modality, s.spacing, s.ct_window)), s.spacing, s.cache_max_mb, channels=2,
+            Compose(preprocessing(channels, s.spacing, s.ct_window)), s.spacing, s.cache_max_mb,
+            channels=s.in_channels + 1,
         )
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
@@ -144,7 +161,7 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def predict_logits(self, model: nn.Module, image: torch.Tensor, dev: torch.device | None = None) -> torch.Tensor:
-        """Sliding-window logits for a (B, 1, X, Y, Z) image at task spacing (on ``dev``, default CUDA if present)."""
+        """Sliding-window logits for a (B, C, X, Y, Z) image at task spacing (on ``dev``, default CUDA if present)."""
         model.eval()
         dev = dev or device()
         model.to(dev)

@@ -24,7 +24,7 @@ TINY = {
     "roi-size": "16,16,16", "channels": "4,8,16", "crops-per-case": 1, "batch-size": 2,
     "local-baselines": True, "strategy": "scaffold", "optimizer": "sgd", "lr": 0.01,
 }
-SITE_KEYS = {"site-name", "refused-reason", "eval-dataset"}
+SITE_KEYS = {"site-name", "refused-reason", "eval-dataset", "channel-names"}
 
 
 class CapturingGrid(LocalGrid):
@@ -77,8 +77,19 @@ def test_replies_hold_only_model_arrays_numbers_and_site_names(captured):
                 assert name == "site"
                 assert set(record.keys()) <= SITE_KEYS
                 assert record["site-name"] in {"site-a", "site-b", "site-c"}
+                if "channel-names" in record:  # the pre-round-1 channel check: protocol names only
+                    assert record["channel-names"] == ["CT"]
             else:
                 pytest.fail(f"unexpected record type {type(record).__name__}")
+
+
+def test_sites_describe_their_channels_before_round_one_and_nothing_else(captured):
+    replies, _, _ = captured
+    described = [r for r in replies if "channel-names" in r.content.get("site", {})]
+    assert len(described) == 3  # one answer per site to the pre-round-1 channel check
+    for reply in described:
+        assert set(reply.content.keys()) == {"site", "metrics"}
+        assert dict(reply.content["metrics"]) == {"num-channels": 1}
 
 
 def test_no_path_case_name_or_text_in_any_reply(captured):

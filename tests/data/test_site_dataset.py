@@ -239,7 +239,9 @@ def test_bad_labels_and_channels(tmp_path):
     root = make_site(tmp_path / "s", labels={"background": "zero"})
     assert "'labels' must map names to integer values" in _error(root)
     root = make_site(tmp_path / "t", channel_names={"0": "CT", "1": "PET"})
-    assert "exactly one channel" in _error(root)
+    assert "channel 1: file" in _error(root) and "does not exist" in _error(root)  # no <case>_0001 file
+    root = make_site(tmp_path / "v", channel_names={"0": "CT", "2": "PET"})
+    assert "channel indices" in _error(root)
     root = make_site(tmp_path / "u", file_ending=".mha")
     assert "'.mha'" in _error(root)
 
