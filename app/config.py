@@ -21,6 +21,7 @@ from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_ro
 from tasks.base import TaskSettings
 
 TASKS = ("segmentation", "classification")
+CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34")  # tasks.classification builds them
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
 
 
@@ -120,6 +121,9 @@ class RunConfig:
     ct_window: tuple[float, float] = TaskSettings.ct_window
     cache_max_mb: int = TaskSettings.cache_max_mb
     in_channels: int = TaskSettings.in_channels
+    classifier: str = TaskSettings.classifier
+    classifier_width: float = TaskSettings.classifier_width
+    classification_size: tuple[int, int, int] = TaskSettings.classification_size
 
     @property
     def home_path(self) -> Path:
@@ -170,6 +174,9 @@ class RunConfig:
             num_res_units=self.num_res_units,
             cache_max_mb=self.cache_max_mb,
             in_channels=self.in_channels,
+            classifier=self.classifier,
+            classifier_width=self.classifier_width,
+            classification_size=self.classification_size,
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
             seed=self.seed,
@@ -189,6 +196,7 @@ _LIST_PARSERS = {
     "roi_size": lambda k, v: _ints(k, v, 3),
     "channels": lambda k, v: _ints(k, v),
     "ct_window": lambda k, v: _floats(k, v, 2),
+    "classification_size": lambda k, v: _ints(k, v, 3),
 }
 
 
@@ -248,6 +256,9 @@ def _validate(c: RunConfig) -> None:
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.classifier in CLASSIFIERS, "classifier", f"one of {CLASSIFIERS}"),
+        (c.classifier_width > 0 and (c.classifier != "densenet121" or c.classifier_width == 1.0), "classifier-width",
+         "> 0 (a ResNet's channel multiplier; 1.0 for densenet121)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
         (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",
