@@ -61,6 +61,19 @@ def test_adrenal_to_nifti_keeps_values_in_ras_at_medmnist_spacing(tmp_path):
         adrenal_to_nifti(np.zeros((28,) * 3, np.float32), tmp_path / "d.nii.gz")
 
 
+def test_adrenal_recipe_feeds_the_medmnist_array_unchanged(tmp_path):
+    """Recipe spacing 64/28 mm, size 28^3 and window 0..255: the network sees exactly volume / 255."""
+    from app.config import parse_run_config
+    from tasks import get_task
+
+    volume = _blob(np.random.default_rng(4), 28, 7.0)
+    path = adrenal_to_nifti(volume, tmp_path / "case_0000.nii.gz")
+    task = get_task("classification", parse_run_config(realdata.RECIPES["adrenal"]).task_settings())
+    image = task.inference_transform("CT")({"image": str(path)})["image"]
+    assert tuple(image.shape) == (1, 28, 28, 28)
+    np.testing.assert_allclose(np.asarray(image[0]), volume / 255.0, atol=1e-6)
+
+
 def test_adrenal_sites_are_stratified_and_test_cases_are_medmnist_val(tmp_path):
     npz = _npz(tmp_path / "x.npz", 30, 12)
     summary = build_adrenal_sites(npz, tmp_path / "sites", 3, seed=2)
