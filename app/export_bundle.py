@@ -33,13 +33,35 @@ BUNDLE_VERSION = "0.1.0"
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 
 
+def _multichannel(loaded: LoadedModel) -> dict[str, Any]:
+    """Config entries that differ for an N-channel model: a list of channel files, fixed normalisation.
+
+    MONAI's own transforms normalise all channels alike, so a model mixing CT and MR channels is
+    not exported (``fedimaging predict`` handles it).
+    """
+    from app.predict_channels import channel_names_of_run
+    from tasks.channels import channel_kinds
+
+    n = loaded.task.settings.in_channels
+    names = channel_names_of_run(loaded.run_dir, n) or tuple(f"channel{c}" for c in range(n))
+    kinds = set(channel_kinds(names))
+    if len(kinds) > 1:
+        raise PredictError(f"channels {list(names)} mix CT and MR: the bundle's MONAI transforms cannot "
+                           "normalise them differently; use 'fedimaging predict'")
+    return {"input_files": [], "datalist": "$[{'image': @input_files}]", "resolved_modality": kinds.pop(),
+            "channel_names": list(names)}
+
+
 def inference_config(loaded: LoadedModel) -> dict[str, Any]:
-    """MONAI bundle config reproducing ``app.predict.predict_segmentation`` with plain MONAI objects."""
+    """MONAI bundle config reproducing ``app.predict.predict_segmentation`` with plain MONAI objects.
+
+    Multi-channel models take ``input_files`` (one file per channel) instead of ``input_file``.
+    """
     s = loaded.task.settings
     num_classes = int(getattr(loaded.task, "num_classes"))
     strides = [2] * (len(s.channels) - 1)
     keys = "image"
-    return {
+    config = {
         "imports": ["$import numpy", "$import nibabel", "$import torch"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -55,7 +77,7 @@ def inference_config(loaded: LoadedModel) -> dict[str, Any]:
         "network_def": {
             "_target_": "UNet",
             "spatial_dims": 3,
-            "in_channels": 1,
+            "in_channels": s.in_channels,
             "out_channels": num_classes,
             "channels": list(s.channels),
             "strides": strides,
@@ -68,7 +90,7 @@ def inference_config(loaded: LoadedModel) -> dict[str, Any]:
             "_target_": "ScaleIntensityRanged", "keys": keys, "a_min": float(s.ct_window[0]),
             "a_max": float(s.ct_window[1]), "b_min": 0.0, "b_max": 1.0, "clip": True,
         },
-        "intensity_mr": {"_target_": "NormalizeIntensityd", "keys": keys, "nonzero": True},
+        "intensity_mr": {"_target_": "NormalizeIntensityd", "keys": keys, "nonzero": True, "channel_wise": True},
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -105,6 +127,10 @@ def inference_config(loaded: LoadedModel) -> dict[str, Any]:
         ],
         "run": ["$[@postprocessing(@infer(d)) for d in @dataset]"],
     }
+    if s.in_channels > 1:
+        config.update(_multichannel(loaded))
+        config.pop("input_file")
+    return config
 
 
 def metadata(loaded: LoadedModel, run_summary: dict[str, Any]) -> dict[str, Any]:
@@ -134,9 +160,12 @@ def metadata(loaded: LoadedModel, run_summary: dict[str, Any]) -> dict[str, Any]
         "network_data_format": {
             "inputs": {
                 "image": {
-                    "type": "image", "format": "hounsfield|magnitude", "modality": "CT|MR", "num_channels": 1,
+                    "type": "image", "format": "hounsfield|magnitude", "modality": "CT|MR",
+                    "num_channels": s.in_channels,
                     "spatial_shape": list(s.roi_size), "dtype": "float32", "value_range": [],
-                    "is_patch_data": True, "channel_def": {"0": "image"},
+                    "is_patch_data": True,
+                    "channel_def": ({"0": "image"} if s.in_channels == 1 else
+                                    {str(c): n for c, n in enumerate(_multichannel(loaded)["channel_names"])}),
                     "pixdim": list(s.spacing),
                 }
             },
@@ -175,6 +204,11 @@ def readme(loaded: LoadedModel, summary: dict[str, Any]) -> str:
         "layers (chosen at export with `--site`/`--site-state`); use it at that site.\n"
         if loaded.site_state is not None else ""
     )
+    n = loaded.task.settings.in_channels
+    if n > 1:
+        names = _multichannel(loaded)["channel_names"]
+        fedbn += (f"\nThis model takes {n} channels {names}: pass `--input_files \"['c0.nii.gz', ...]\"` "
+                  f"(one 3D file per channel, in that order) instead of `--input_file`.\n")
     return f"""# fedimaging {loaded.run.task} model (MONAI bundle)
 
 Exported by `fedimaging export` from run `{loaded.run_dir.name}` (strategy {loaded.run.strategy},

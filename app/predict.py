@@ -178,6 +178,12 @@ class CaseInput:
     affine: np.ndarray
     shape: tuple[int, int, int]
     modality: str | None  # from the DICOM header; None for NIfTI
+    channels: tuple[Path, ...] = ()  # multi-channel models: one file per channel (see app.predict_channels)
+
+    @property
+    def image_item(self) -> str | list[str]:
+        """What the task's LoadImaged reads: the file, or the channel files (stacked as channels)."""
+        return [str(p) for p in self.channels] if self.channels else str(self.nifti)
 
 
 def case_name(path: Path) -> str:
@@ -226,8 +232,15 @@ def dicom_series_to_nifti(folder: Path, out: Path) -> tuple[np.ndarray, tuple[in
     return np.asarray(nib.load(str(out)).affine), shape, group.modality
 
 
-def open_case(path: Path, workdir: Path) -> CaseInput:
-    """A NIfTI file as is, or a DICOM series folder converted into ``workdir``."""
+def open_case(path: Path, workdir: Path, in_channels: int = 1) -> CaseInput:
+    """A NIfTI file as is, or a DICOM series folder converted into ``workdir``; N channels: see predict_channels."""
+    if in_channels > 1:
+        from app.predict_channels import open_channels
+
+        if not path.is_file():
+            raise PredictError(f"input {path} does not exist")
+        name, files, affine, shape = open_channels(path, workdir, in_channels, PredictError)
+        return CaseInput(name, files[0], affine, shape, None, tuple(files))
     if path.is_dir():
         nifti = workdir / f"{path.name or 'series'}.nii.gz"
         affine, shape, modality = dicom_series_to_nifti(path, nifti)
@@ -244,8 +257,15 @@ def open_case(path: Path, workdir: Path) -> CaseInput:
     return CaseInput(case_name(path), path, np.asarray(image.affine), shape, None)
 
 
-def guess_modality(case: CaseInput, requested: str = "auto") -> str:
-    """CT or MR: as requested, else the DICOM header, else CT if the image holds air in HU."""
+def guess_modality(case: CaseInput, requested: str = "auto", channel_names=None):
+    """CT or MR: as requested, else the DICOM header, else CT if the image holds air in HU.
+
+    A multi-channel case is normalised per channel by the names the sites agreed on (``channel_names``).
+    """
+    if case.channels:
+        if channel_names:
+            return tuple(channel_names)
+        return (requested if requested in ("CT", "MR") else "MR",) * len(case.channels)
     if requested in ("CT", "MR"):
         return requested
     if case.modality in ("CT", "MR"):
@@ -286,9 +306,9 @@ def predict_segmentation(loaded: LoadedModel, case: CaseInput, modality: str = "
     """Label map on the input's grid (the spatial preprocessing inverted, nearest neighbour)."""
     from monai.transforms import Invertd
 
-    modality = guess_modality(case, modality)
+    modality = guess_modality(case, modality, _run_channel_names(loaded))
     pre = segmentation_preprocessing(loaded, modality)
-    data = pre({"image": str(case.nifti)})
+    data = pre({"image": case.image_item})
     logits = sliding_window_logits(loaded, data["image"][None])
     label = logits[0].argmax(dim=0, keepdim=True).to(torch.uint8).cpu()
     data["pred"] = label
@@ -304,10 +324,10 @@ def predict_classification(
 ) -> dict[str, Any]:
     """Class probabilities from the classification task (its own inference transforms)."""
     task: Any = loaded.task
-    modality = guess_modality(case, modality)
+    modality = guess_modality(case, modality, _run_channel_names(loaded))
     if not hasattr(task, "predict_proba") or not hasattr(task, "inference_transform"):
         raise PredictError("the classification task offers no inference API (predict_proba/inference_transform)")
-    image = task.inference_transform(modality)({"image": str(case.nifti)})["image"]
+    image = task.inference_transform(modality)({"image": case.image_item})["image"]
     probs = task.predict_proba(loaded.model, image[None].to(loaded.device))[0].detach().cpu().numpy()
     if not np.all(np.isfinite(probs)):
         raise PredictError(f"{case.name}: the model produced non-finite probabilities (damaged weights?)")
@@ -316,12 +336,18 @@ def predict_classification(
         raise PredictError(f"--class-names gives {len(names)} names but the model has {len(probs)} classes")
     return {
         "case": case.name,
-        "modality": modality,
+        "modality": modality if isinstance(modality, str) else list(modality),
         "probabilities": {str(n): float(p) for n, p in zip(names, probs)},
         "predicted": str(names[int(np.argmax(probs))]),
         "run": loaded.run_dir.name,
         "model": loaded.model_path.name,
     }
+
+
+def _run_channel_names(loaded: LoadedModel):
+    from app.predict_channels import channel_names_of_run
+
+    return channel_names_of_run(loaded.run_dir, loaded.run.in_channels)
 
 
 def write_mask(path: Path, result: SegmentationResult) -> None:
@@ -346,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Apply a trained model (final_model.pt or a checkpoint) to NIfTI files or DICOM series folders.",
     )
     p.add_argument("--model", required=True, type=Path, help="runs/<run>/final_model.pt or checkpoints/best.pt")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI file(s) or DICOM series folder(s)")
+    p.add_argument("--input", required=True, nargs="+", type=Path,
+                   help="NIfTI file(s) or DICOM series folder(s); multi-channel models: <case>_0000.nii.gz "
+                        "(other channels beside it) or a 4D NIfTI with the channels in the 4th dimension")
     p.add_argument("--output", required=True, type=Path,
                    help="output file (.nii.gz mask / .json) for one input, else a folder (<case>_seg.nii.gz / <case>_pred.json)")
     p.add_argument("--config", type=Path, help="run_config.json (default: the model's run directory)")
@@ -393,7 +421,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         bar = tqdm(args.input, desc="predict", unit="case", file=sys.stderr, disable=single or args.quiet)
         for path in bar:
             try:
-                case = open_case(path.expanduser(), Path(tmp))
+                case = open_case(path.expanduser(), Path(tmp), loaded.run.in_channels)
                 target = _output_for(args.output, case, task, single)
                 if target in written:
                     raise PredictError(f"{path}: another input already wrote {target} (same case name)")

@@ -61,12 +61,12 @@ def check_site_channels(grid, in_channels: int, run_dir: Path, timeout: float | 
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     described: dict[str, list[str]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error() or "site" not in reply.content:
+        site = None if reply.has_error() else reply.content.get("site")
+        if site is None or "channel-names" not in site:
             log.warning("A site could not describe its channels (%s); the rounds will decide",
-                        reply.error.reason if reply.has_error() else "no answer")
+                        reply.error.reason if reply.has_error() else "no channel names in its answer")
             continue
-        site = reply.content["site"]
-        described[str(site["site-name"])] = [str(n) for n in site.get("channel-names", [])]
+        described[str(site["site-name"])] = [str(n) for n in site["channel-names"]]
     names = check_channels(described, in_channels)
     if names:
         atomic_write_json(Path(run_dir) / CHANNELS_FILE, {"in-channels": in_channels, "channel-names": names})

@@ -31,6 +31,7 @@ import numpy as np
 
 from data_prep import deid
 from data_prep.fingerprint import build_fingerprint, case_stats
+from data_prep.nifti_import import is_ct
 from data_prep.site_dataset import Case, DatasetError, SiteDataset, load_site_dataset, write_dataset_json
 from fedimaging.io import atomic_write_json
 
@@ -38,6 +39,11 @@ SIMULATED_NOTE = ("These sites are SIMULATED: one data set was partitioned by 'f
                   "hospital's scanners and protocols, so results on them do not show how a real federation behaves.")
 EXIT_OK, EXIT_USAGE = 0, 2
 IDENTIFYING_FIELDS = ("case", "cases", "series", "subject", "study", "index", "image", "label", "sidecar")
+
+
+def channel_kinds(names) -> tuple[str, ...]:
+    """``CT`` or ``MR`` per channel (the histogram bins of each channel's statistics)."""
+    return tuple("CT" if is_ct(n) else "MR" for n in names)
 
 
 class SplitError(ValueError):
@@ -154,6 +160,7 @@ def _write_site(ds: SiteDataset, site_dir: Path, train: list[Case], test: list[C
     """One simulated site: the cases' files, dataset.json, fingerprint, report, private mapping."""
     entries, stats_cases = {"training": [], "test": []}, []
     channel_modality = "CT" if ds.modality == "CT" else "MR"
+    kinds = channel_kinds(ds.channel_names or (ds.modality,))
     for split, cases in (("training", train), ("test", test)):
         img_dir, lab_dir = ("imagesTr", "labelsTr") if split == "training" else ("imagesTs", "labelsTs")
         for case in cases:
@@ -172,8 +179,10 @@ def _write_site(ds: SiteDataset, site_dir: Path, train: list[Case], test: list[C
             entries[split].append({"image": files[0], "label": label})
             img = nib.load(str(case.images[0]))
             lab = np.asanyarray(nib.load(str(case.label)).dataobj) if isinstance(case.label, Path) else None
+            per_channel = [case_stats(np.asanyarray(nib.load(str(p)).dataobj), kind, lab if c == 0 else None)
+                           for c, (p, kind) in enumerate(zip(case.images, kinds))]
             stats_cases.append({"shape": list(img.shape[:3]), "spacing": [float(z) for z in img.header.get_zooms()[:3]],
-                                "stats": case_stats(np.asanyarray(img.dataobj), channel_modality, lab)})
+                                "stats": per_channel[0], "per_channel": per_channel})
     channel_names = {str(i): n for i, n in enumerate(ds.channel_names)} or None
     extra = {k: v for k, v in ds.extra.items() if k not in ("name", "channel_names", "labels", "numTraining",
                                                              "numTest", "file_ending", "simulated")}
@@ -182,6 +191,11 @@ def _write_site(ds: SiteDataset, site_dir: Path, train: list[Case], test: list[C
     counts = {"cases": len(stats_cases), "training": len(train), "test": len(test)}
     fingerprint = build_fingerprint(stats_cases, channel_modality, counts)
     fingerprint["channel_names"] = channel_names or {"0": ds.modality}
+    if len(kinds) > 1:  # per-channel intensity statistics, as the importer writes them
+        fingerprint["channels"] = {
+            name: (build_fingerprint([{**c, "stats": c["per_channel"][i]} for c in stats_cases], kinds[i], counts)
+                   ["statistics"] or {}).get("intensity")
+            for i, name in enumerate(ds.channel_names)}
     atomic_write_json(site_dir / "fingerprint.json", fingerprint)
     names = {c.name for c in train + test}
     kept = [e for e in report.get("cases", []) + report.get("series", []) if e.get("case") in names]

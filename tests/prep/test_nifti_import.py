@@ -168,6 +168,15 @@ def test_bad_cases_are_reported_with_reason_codes_and_the_rest_imported(tmp_path
     assert len(load_site_dataset(tmp_path / "out").training) == 2
 
 
+def test_a_4d_image_with_the_wrong_channel_count_is_rejected(tmp_path):
+    src = _msd(tmp_path / "in", 3, channels=2)
+    _save(src / "imagesTr" / "pat_001.nii.gz", _image(1, channels=3))
+    result = import_dataset(src, tmp_path / "out")
+    reasons = sorted(str(e.get("reason")) for e in result.report["cases"])
+    assert result.exit_code == 3 and reasons == ["None", "None", "channel_count_mismatch"]
+    assert "pat_001.nii.gz" in result.table and "3 channel(s)" in result.table
+
+
 def test_reruns_are_incremental_and_follow_changes(tmp_path):
     src = _msd(tmp_path / "in", 3)
     first = import_dataset(src, tmp_path / "out")

@@ -87,3 +87,17 @@ def test_split_refuses_what_it_cannot_do(imported, tmp_path, capsys):
     assert split_main([str(imported), str(imported / "inner"), "--sites", "2"]) == 2
     assert "inside" in capsys.readouterr().err
     assert split_main([str(imported), str(tmp_path / "z"), "--sites", "2", "--by", "dirichlet:-1"]) == 2
+
+
+def test_multichannel_sites_keep_every_channel(tmp_path):
+    from tests.prep.test_nifti_import import _nnunet
+
+    assert import_dataset(_nnunet(tmp_path / "in", 3), tmp_path / "site").exit_code == 0
+    split_dataset(tmp_path / "site", tmp_path / "out", 2, "iid", 0.0, seed=0)
+    source = {c.name: c for c in load_site_dataset(tmp_path / "site").training}
+    for s in _sites(tmp_path / "out", 2):
+        assert s.channel_names == ("T2", "ADC")
+        for case in s.training:
+            assert [p.read_bytes() for p in case.images] == [p.read_bytes() for p in source[case.name].images]
+    fingerprint = json.loads((tmp_path / "out" / "site-0" / "fingerprint.json").read_text())
+    assert fingerprint["channel_names"] == {"0": "T2", "1": "ADC"} and set(fingerprint["channels"]) == {"T2", "ADC"}
