@@ -99,7 +99,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
 
 
-@pytest.mark.slow  # about 25 s on an idle machine: four arms, one round each, tiny ResNet
+@pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet
 def test_adrenal_benchmark_end_to_end(tmp_path):
     npz = _npz(tmp_path / "adrenal.npz", 16, 8)
     out = tmp_path / "out"
@@ -155,7 +155,7 @@ def _tiny_msd(target: Path, n_float: int = 6, n_uint8: int = 2) -> Path:
     return target
 
 
-@pytest.mark.slow  # about 25 s on an idle machine: import, split, six arms of one round on a tiny UNet
+@pytest.mark.slow  # about 10 s: import, split, six arms of one round on a tiny UNet
 @pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason="../shared/realdata/msd_hippocampus absent")
 def test_hippocampus_benchmark_end_to_end(tmp_path):
     source = _tiny_msd(tmp_path / "msd")
