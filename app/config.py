@@ -27,7 +27,7 @@ from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_ro
 from strategies import STRATEGY_NAMES, StrategySettings
 from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
 from strategies.settings import LR_SCHEDULES
-from tasks import TASK_NAMES
+from tasks import CLASSIFIERS, TASK_NAMES
 from tasks.base import TaskSettings
 from tasks.training import OPTIMIZERS
 
@@ -94,6 +94,9 @@ class RunConfig:
     ct_window: tuple[float, float] = TaskSettings.ct_window
     cache_max_mb: int = TaskSettings.cache_max_mb
     in_channels: int = TaskSettings.in_channels
+    classifier: str = TaskSettings.classifier
+    classifier_width: float = TaskSettings.classifier_width
+    classification_size: tuple[int, int, int] = TaskSettings.classification_size
 
     @property
     def home_path(self) -> Path:
@@ -137,6 +140,9 @@ class RunConfig:
             num_res_units=self.num_res_units,
             cache_max_mb=self.cache_max_mb,
             in_channels=self.in_channels,
+            classifier=self.classifier,
+            classifier_width=self.classifier_width,
+            classification_size=self.classification_size,
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
             seed=self.seed,
@@ -156,6 +162,7 @@ _LIST_PARSERS = {
     "roi_size": lambda k, v: ints(k, v, 3),
     "channels": lambda k, v: ints(k, v),
     "ct_window": lambda k, v: floats(k, v, 2),
+    "classification_size": lambda k, v: ints(k, v, 3),
 }
 
 
@@ -240,6 +247,9 @@ def _validate(c: RunConfig) -> None:
         (all(v > 0 for v in c.spacing), "spacing", "three numbers > 0 (mm)"),
         (all(v % 8 == 0 for v in c.roi_size), "roi-size", "three multiples of 8"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.classifier in CLASSIFIERS, "classifier", f"one of {CLASSIFIERS}"),
+        (c.classifier_width > 0 and (c.classifier != "densenet121" or c.classifier_width == 1.0), "classifier-width",
+         "> 0 (a ResNet's channel multiplier; 1.0 for densenet121)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.num_res_units >= 0, "num-res-units", ">= 0"),
         (c.cache_max_mb >= 0, "cache-max-mb", ">= 0"),

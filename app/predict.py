@@ -94,6 +94,13 @@ def fedbn_site_state(run: RunConfig, run_dir: Path, site: str | None, site_state
     return files[-1]
 
 
+def _network_of(run: RunConfig) -> str:
+    """The run config's description of the network, for error messages."""
+    if run.task == "classification":
+        return f"classifier={run.classifier}, classifier-width={run.classifier_width:g}"
+    return f"channels={list(run.channels)}"
+
+
 @dataclass
 class LoadedModel:
     """A trained model ready for inference, with the run settings it was trained under."""
@@ -147,7 +154,7 @@ def load_model(
     except RuntimeError as exc:
         raise PredictError(
             f"{model_path} does not match the model described by the run config "
-            f"(task={run.task}, channels={list(run.channels)}): {str(exc).splitlines()[0]}"
+            f"(task={run.task}, {_network_of(run)}): {str(exc).splitlines()[0]}"
         ) from None
     dev = pick_device(device)
     model.to(dev).eval()

@@ -153,5 +153,7 @@ def _print_final(directory: RunDirectory, metric: str) -> None:
     value = last["aggregate"].get(metric)
     sites = ", ".join(f"{s}={m.get(metric, float('nan')):.3f}" for s, m in sorted(last.get("sites", {}).items())
                       if isinstance(m.get(metric), (int, float)))
+    # None when no site's test cases define the metric (e.g. AUC where each site has one class)
+    shown = f"{value:.3f}" if isinstance(value, (int, float)) else "undefined"
     print(f"Final global model (round {last['round']}): mean {metric} over the sites' test cases = "
-          f"{value:.3f} ({sites})", flush=True)
+          f"{shown} ({sites})", flush=True)

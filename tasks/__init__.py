@@ -7,6 +7,7 @@ from tasks.data import SiteDataCache
 from tasks.training import make_optimizer
 
 TASK_NAMES = ("segmentation", "classification")
+CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34")  # tasks.classification builds them
 
 
 def get_task(name: str, settings: TaskSettings) -> Task:
@@ -24,5 +25,5 @@ def get_task(name: str, settings: TaskSettings) -> Task:
 
 # What the ClientApp uses: the task registry, its settings and options, the site data cache,
 # the training device and the optimizer a DP session is built with.
-__all__ = ["LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES", "device",
-           "get_task", "make_optimizer"]
+__all__ = ["CLASSIFIERS", "LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES",
+           "device", "get_task", "make_optimizer"]

@@ -33,6 +33,8 @@ class TaskSettings:
     sw_overlap: float = 0.25
     cache_max_mb: int = 2048
     classification_size: tuple[int, int, int] = (64, 64, 64)
+    classifier: str = "densenet121"  # tasks.classification.CLASSIFIERS
+    classifier_width: float = 1.0  # ResNet channel multiplier (MONAI widen_factor)
     dp_compatible: bool = False  # model built without BatchNorm (Opacus)
     in_channels: int = 1  # image channels (dataset.json channel_names); every site must agree
     seed: int = 42

@@ -1,4 +1,9 @@
-"""3D case-level classification with a MONAI DenseNet121: transforms, cross-entropy, AUC evaluation.
+"""3D case-level classification with a MONAI network: transforms, cross-entropy, AUC evaluation.
+
+The network is run config ``classifier``: MONAI's DenseNet121 (default) or one of MONAI's 3D
+ResNets (``resnet10``/``resnet18``/``resnet34``, the family of MedMNIST's 3D baselines), whose
+channel widths scale with ``classifier-width`` (MONAI's ``widen_factor``), so that small volumes
+train in minutes on a CPU.
 
 Each case (one volume, one class index) is reoriented to RAS, resampled to the task spacing,
 normalised like segmentation, then centre padded/cropped to ``classification_size``: padding and
@@ -16,7 +21,8 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.metrics import compute_roc_auc
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet121, ResNet
+from monai.networks.nets.resnet import ResNetBlock, get_inplanes
 from monai.transforms import (
     Compose,
     RandAffined,
@@ -36,6 +42,47 @@ from tasks.transforms import preprocessing
 
 IMAGE = ("image",)
 DENSENET121 = {"init_features": 64, "growth_rate": 32, "block_config": (6, 12, 24, 16)}
+RESNETS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}  # blocks per stage, as MONAI's
+
+
+class DPSafeResNetBlock(ResNetBlock):
+    """MONAI's basic ResNet block without in-place operations (same layers and numbers).
+
+    Opacus' per-sample gradient hooks forbid modifying a layer's output in place, which MONAI's
+    block does (``out += residual``, in-place ReLU).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(out)) + residual)
+
+
+CLASSIFIERS = ("densenet121", *RESNETS)
+
+
+def build_classifier(name: str, in_channels: int, num_classes: int, width: float = 1.0,
+                     architecture: dict[str, Any] | None = None) -> nn.Module:
+    """The MONAI network called ``name`` (3D, untrained; nothing is downloaded).
+
+    ``width`` multiplies a ResNet's channels (1.0 = 64, 128, 256, 512); DenseNet121 has fixed
+    widths (``architecture`` overrides its ``init_features``/``growth_rate``/``block_config``).
+    """
+    if name == "densenet121":
+        if width != 1.0:
+            raise ValueError(f"classifier-width applies to the ResNets only; densenet121 needs 1.0, got {width}")
+        return DenseNet121(spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                           **{**DENSENET121, **(architecture or {})})
+    if name not in RESNETS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {name!r}")
+    if architecture:
+        raise ValueError(f"architecture overrides are for densenet121, not {name}")
+    model = ResNet(DPSafeResNetBlock, RESNETS[name], get_inplanes(), spatial_dims=3, n_input_channels=in_channels,
+                   num_classes=num_classes, widen_factor=width, act=("relu", {"inplace": False}))
+    for module in model.modules():  # the blocks build their own (in-place) ReLU
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -64,7 +111,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
 
 
 class ClassificationTask(Task):
-    """MONAI DenseNet121 (3D) predicting one class per case from the dataset's ``labels``.
+    """A MONAI 3D classifier (``settings.classifier``) predicting one class per case.
 
     ``architecture`` overrides DenseNet121's width/depth (``init_features``, ``growth_rate``,
     ``block_config``) for tests and quick CPU trials; the default is DenseNet121 itself.
@@ -85,11 +132,12 @@ class ClassificationTask(Task):
             raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else None
-        self.architecture = {**DENSENET121, **(architecture or {})}
+        self.architecture = architecture
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.settings.seed)
-        model = DenseNet121(spatial_dims=3, in_channels=self.settings.in_channels, out_channels=self.num_classes, **self.architecture)
+        s = self.settings
+        model = build_classifier(s.classifier, s.in_channels, self.num_classes, s.classifier_width, self.architecture)
         if self.settings.dp_compatible:
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 
