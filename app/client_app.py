@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app import site_he
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
@@ -191,6 +192,9 @@ def train(msg: Message, context: Context) -> Message:
             "site": _site_record(rt),
         }
     )
+    if rt.run.secure_aggregation == "he" and not baseline:  # the update leaves only encrypted
+        del reply["arrays"]
+        reply["he"] = _encrypted_update(rt, run_key, shared, state, result.num_examples, server_round)
     if result.scaffold_delta is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
@@ -229,6 +233,41 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
     if session is not None:
         metrics["dp-epsilon-spent"] = float(session.spent())
     return RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(rt, **{"refused-reason": reason})})
+
+
+def _he_context(rt: SiteRuntime, run_key: str):
+    path = site_he.key_path(rt.site.he_context, rt.run.state_root_path, run_key)
+    return site_he.site_context(path, create=rt.site.he_context is None)  # simulation creates per study
+
+
+def _encrypted_update(rt: SiteRuntime, run_key: str, shared: ArrayRecord, state: dict[str, torch.Tensor],
+                      num_examples: int, server_round: int) -> ConfigRecord:
+    ctx, key_id = _he_context(rt, run_key)
+    sent = {k: v.numpy() for k, v in shared.items()}
+    local = {k: state[k].detach().cpu().numpy() for k in shared.keys()}
+    return site_he.encrypted_update(ctx, key_id, sent, local, num_examples, rt.run.max_update_norm,
+                                    rt.site.state_dir, run_key, server_round)
+
+
+@app.query("he_public")
+def he_public(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: the study's public CKKS context (never the secret key)."""
+    rt = _runtime(context)
+    ctx, key_id = _he_context(rt, str(msg.content["config"].get("run-key", f"run-{context.run_id}")))
+    reply = RecordDict({"he": site_he.public_context_reply(ctx, key_id), "site": _site_record(rt)})
+    return Message(content=reply, reply_to=msg)
+
+
+@app.query("he_decrypt")
+def he_decrypt(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: decrypt the coordinator's ciphertext sum of a round this site trained in."""
+    rt = _runtime(context)
+    request = msg.content["he"]
+    run_key = str(request.get("run-key", f"run-{context.run_id}"))
+    ctx, key_id = _he_context(rt, run_key)
+    reply = site_he.decrypt_sum(ctx, key_id, request, rt.site.state_dir, run_key)
+    reply["site"] = _site_record(rt)
+    return Message(content=reply, reply_to=msg)
 
 
 @app.query()

@@ -101,6 +101,7 @@ class RunConfig:
     central_dp_clipping_norm: float = 1.0
     central_dp_delta: float = 1e-5
     central_dp_sites: int = 0
+    secure_aggregation: str = "off"
     demo: bool = True
     demo_sites: int = 3
     demo_size: str = "standard"
@@ -247,6 +248,7 @@ def _validate(c: RunConfig) -> None:
         (c.central_dp_clipping_norm > 0, "central-dp-clipping-norm", "> 0"),
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
+        (c.secure_aggregation in ("off", "he"), "secure-aggregation", "'off' or 'he'"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
@@ -258,6 +260,17 @@ def _validate(c: RunConfig) -> None:
             raise ConfigError(f"run config '{key}' must be {expected}, got {getattr(c, key.replace('-', '_'))!r}")
     if c.data_path_template and "{site}" not in c.data_path_template and "{partition}" not in c.data_path_template:
         raise ConfigError("run config 'data-path-template' must contain '{site}' or '{partition}'")
+    if c.secure_aggregation != "off":
+        _refuse_with_secure_aggregation(c)
+
+
+def _refuse_with_secure_aggregation(c: RunConfig) -> None:
+    from strategies.secure_aggregation import refusal  # local: tenseal only with secure aggregation
+
+    refused = refusal(c)
+    if refused:
+        raise ConfigError(f"run config '{refused[0]}={getattr(c, refused[0].replace('-', '_'))}' "
+                          f"cannot be used with secure-aggregation=he: {refused[1]}")
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,7 @@ class SiteConfig:
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
     is_demo: bool = False
+    he_context: Path | None = None  # node config 'he-context': the site's CKKS key file
 
 
 def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -290,7 +304,8 @@ def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteCon
         data_path = Path(str(node_config["data-path"])).expanduser()
         site_name = str(node_config.get("site-name") or data_path.name)
         state = node_config.get("state-dir") or (data_path / "private" / "state")
-        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), **dp)
+        he_context = Path(str(node_config["he-context"])).expanduser() if node_config.get("he-context") else None
+        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), he_context=he_context, **dp)
     if "partition-id" not in node_config:
         raise ConfigError(
             "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "

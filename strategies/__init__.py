@@ -10,7 +10,7 @@ The ServerApp needs two calls::
 
 from __future__ import annotations
 
-from . import central_dp
+from . import central_dp, secure_aggregation
 from .base import FedImagingFedAvg, SiteUpdate
 from .fedbn import FedImagingFedBN
 from .fedopt import FedImagingFedAdam, FedImagingFedYogi
@@ -42,6 +42,8 @@ def build_strategy(
 ) -> FedImagingStrategy:
     """The strategy named by ``settings.name``; ``local_param_names`` only matter for FedBN."""
     cls = STRATEGIES[settings.name]
+    if settings.secure_aggregation == "he":  # ciphertext sum instead of plaintext updates
+        cls = secure_aggregation.secure_variant(cls)
     strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.name == "fedbn" else frozenset())
     if settings.central_dp != "off":
         strategy.driver = central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds

@@ -163,6 +163,10 @@ class FedImagingFedAvg(FedAvg):
         mean = weighted_mean([u.arrays for u in updates], [u.weight for u in updates])
         return server_step(current, mean, self.settings.effective_server_lr)
 
+    def extra_train_line(self, server_round: int) -> dict[str, Any]:
+        """Extra entries of the round's ``metrics.jsonl`` train line (secure aggregation's)."""
+        return {}
+
     def server_state_arrays(self) -> dict[str, Arrays]:
         """Extra server-side arrays to checkpoint (optimizer moments, control variates)."""
         return {}
@@ -268,6 +272,7 @@ class FedImagingFedAvg(FedAvg):
             line["clipped"] = clipped
         if self.settings.central_dp != "off":
             line["central-dp"] = self._central_dp_release(arrays_out is not None)
+        line.update(self.extra_train_line(rnd))
         self.run_dir.append_metrics(line)
         self.history["train"][rnd] = aggregate
         return arrays_out, (MetricRecord(aggregate) if aggregate else None)

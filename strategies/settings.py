@@ -76,6 +76,7 @@ class StrategySettings:
     central_dp_clipping_norm: float = 1.0
     central_dp_delta: float = 1e-5
     central_dp_sites: int = 0
+    secure_aggregation: str = "off"
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:

@@ -1,0 +1,224 @@
+"""Encrypted aggregation (run config ``secure-aggregation=he``): the coordinator adds ciphertexts.
+
+A variant of any averaging strategy that replaces one step, the aggregation: each site sends
+its case-weighted update ``n_i * (local_i - global)`` as CKKS ciphertexts (``app.site_he``);
+the coordinator, holding only the public context, checks each reply (key id, parameter layout,
+ciphertext count and sizes; a bad one is excluded with its reason), adds the ciphertexts and the
+plaintext case counts, and asks one contributing site to decrypt the *sum*. The aggregate
+``global + sum / sum(n_i)`` is then handed to the strategy's own ``aggregate_arrays`` as if it
+were a single update, so FedAvg/FedProx/FedBN average and FedAdam/FedYogi take their server
+step on it exactly as without encryption, and checkpoints, ``best.pt``, resume, the report and
+cross-site evaluation see an ordinary plaintext global model. No site's update is ever
+decrypted alone: a round with fewer than two encrypted updates leaves the model unchanged.
+
+Options that need individual plaintext updates at the coordinator are refused at start
+(:func:`refusal`). The coordinator gets the public context from a site (query ``he_public``)
+and refuses one that holds a secret key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from privacy import he_keys, he_vectors
+
+from . import validation
+from .metrics import WEIGHT_KEY
+
+MODES = ("off", "he")
+MIN_CONTRIBUTORS = 2
+QUERY_PUBLIC = f"{MessageType.QUERY}.he_public"
+QUERY_DECRYPT = f"{MessageType.QUERY}.he_decrypt"
+# Strategies whose aggregate is a function of the case-weighted mean of the updates.
+HE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+
+
+def refusal(run: Any) -> tuple[str, str] | None:
+    """(key, reason) if the run config cannot run with ``secure-aggregation=he``, else None.
+
+    ``run`` is the parsed run config (attribute names as its keys, ``-`` -> ``_``).
+    """
+    if run.secure_aggregation == "off":
+        return None
+    if run.strategy not in HE_STRATEGIES:
+        return ("strategy", f"{run.strategy!r} needs every site's plaintext update at the coordinator; "
+                f"with secure-aggregation=he use one of {', '.join(HE_STRATEGIES)}")
+    if run.central_dp != "off":
+        return ("central-dp", "central DP clips and noises individual plaintext updates at the coordinator; "
+                "turn it off with secure-aggregation=he (sites can use dp-epsilon)")
+    if run.relative_update_norm > 0:
+        return ("relative-update-norm", "needs every site's update norm at the coordinator; "
+                "with secure-aggregation=he set max-update-norm and the sites clip their own update")
+    if run.max_update_norm > 0 and run.update_norm_action != "clip":
+        return ("update-norm-action", "the coordinator cannot check an encrypted update's norm; with "
+                "secure-aggregation=he set update-norm-action=clip: each site clips its own update")
+    if run.local_baselines:
+        return ("local-baselines", "local-only baselines send one site's model to the coordinator")
+    demo = getattr(run, "uses_demo", False)
+    if (run.demo_sites if demo else run.min_available_sites) < MIN_CONTRIBUTORS:
+        key = "demo-sites" if demo else "min-available-sites"
+        return (key, f"secure aggregation needs >= {MIN_CONTRIBUTORS} sites (one site's sum is its update)")
+    return None
+
+
+class SecureAggregationMixin:
+    """Put in front of a fedimaging strategy class (:func:`secure_variant`); see module doc."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.he_public = None
+        self.he_key_id = ""
+        self._he_vectors: dict[str, list] = {}
+        self._he_line: dict[str, Any] = {}
+
+    # -- public context ------------------------------------------------------------------
+    def _fetch_public_context(self, grid: Grid, node_ids: list[int]) -> None:
+        """The study's public context from the first site that gives a valid one."""
+        for node in node_ids:
+            msg = Message(content=RecordDict({"config": ConfigRecord({"query": "he-public", "run-key": self.run_dir.root.name})}),
+                          dst_node_id=node, message_type=QUERY_PUBLIC)
+            for reply in grid.send_and_receive([msg], timeout=self._timeout):
+                record = None if reply.has_error() else reply.content.config_records.get("he")
+                try:
+                    if record is None:
+                        raise he_keys.KeyMaterialError("no 'he' record in the answer")
+                    ctx, key_id = he_keys.decode(record["context"], need_secret=False,
+                                                 origin="the public context a site sent")
+                except (he_keys.KeyMaterialError, KeyError, TypeError) as exc:
+                    log(WARNING, "secure aggregation: node %s gave no usable public context: %s", node, exc)
+                    continue
+                self.he_public, self.he_key_id = ctx, key_id
+                log(INFO, "secure aggregation: public CKKS context, key id %s", key_id)
+                return
+        raise RuntimeError("secure-aggregation=he: no site answered with a public CKKS context "
+                           "(are the sites' key files in place? see README 'Encrypted aggregation')")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self._he_vectors, self._he_line = {}, {}
+        if msgs and self.he_public is None:
+            self._fetch_public_context(grid, [int(m.metadata.dst_node_id) for m in msgs])
+        return msgs
+
+    # -- screening: encrypted replies instead of arrays ----------------------------------
+    def screen_train_replies(self, msgs: list[Message]):
+        from .base import ScreenResult, SiteUpdate  # local: base imports this module's users
+
+        screened = ScreenResult()
+        values, layout = he_vectors.num_values(self._sent), he_vectors.layout_id(self._sent)
+        sizes: dict[str, int] = {}
+        for site, msg, metrics in self._screen_common(msgs, screened):
+            content = msg.content
+            weight = float(metrics[WEIGHT_KEY])
+            record = content.config_records.get("he")
+            reason = None
+            if weight <= 0:
+                reason = "reported 0 training cases"
+            elif record is None:
+                reason = ("sent a plaintext update: secure-aggregation=he accepts encrypted updates only"
+                          if self.arrayrecord_key in content.array_records else "reply has no encrypted update ('he')")
+            elif self.settings.dp_required and not validation.has_dp_metadata(metrics):
+                reason = "no DP metadata (dp-required=true): the site must train with DP-SGD"
+            else:
+                reason = self._check_record(site, record, values, layout)
+            if reason:
+                screened.excluded[site] = reason
+                self._he_vectors.pop(site, None)
+                continue
+            sizes[site] = sum(len(c) for c in record["chunks"])
+            screened.accepted.append(SiteUpdate(site, int(msg.metadata.src_node_id), {}, weight, content))
+        if 0 < len(screened.accepted) < MIN_CONTRIBUTORS:
+            for update in screened.accepted:
+                screened.excluded[update.site] = (f"only {len(screened.accepted)} encrypted update(s) this round: "
+                                                  f"secure aggregation needs >= {MIN_CONTRIBUTORS}; model unchanged")
+            screened.accepted = []
+        self._he_line = {"mode": "he", "key-id": self.he_key_id, "ciphertexts-per-site": len(
+            he_vectors.chunk_sizes(values)), "bytes-up": sizes, "contributors": len(screened.accepted)}
+        return screened
+
+    def _check_record(self, site: str, record: Mapping[str, Any], values: int, layout: str) -> str | None:
+        if str(record.get("key-id", "")) != self.he_key_id:
+            return f"encrypted under another key (key id {str(record.get('key-id', ''))[:32]!r}, study's {self.he_key_id!r})"
+        if str(record.get("layout", "")) != layout or record.get("num-values") != values:
+            return f"encrypted parameter layout does not match the model sent ({values} values expected)"
+        chunks = record.get("chunks")
+        if not isinstance(chunks, list):
+            return "encrypted update has no ciphertext list"
+        try:
+            self._he_vectors[site] = he_vectors.load_chunks(self.he_public, chunks, values)
+        except ValueError as exc:
+            return validation.short(f"bad ciphertext: {exc}")
+        return None
+
+    def _apply_norm_bound(self, screened):
+        """The coordinator cannot see encrypted norms: the sites clip (max-update-norm)."""
+        return {}, {}
+
+    # -- aggregation: ciphertext sum, decrypted by one contributing site ------------------
+    def aggregate_arrays(self, server_round: int, current, updates):
+        from .base import SiteUpdate
+
+        t0 = time.monotonic()
+        total_ct = he_vectors.sum_chunks([self._he_vectors.pop(u.site) for u in updates])
+        weight_sum = float(sum(u.weight for u in updates))
+        values = he_vectors.num_values(current)
+        self._he_line.update({"weights-sum": weight_sum, "sum-seconds": round(time.monotonic() - t0, 3),
+                              "bytes-down-decrypt": sum(len(c) for c in total_ct)})
+        total, by = self._decrypt(server_round, total_ct, values, updates)
+        self._he_line["decrypted-by"] = by
+        if total is None:
+            log(WARNING, "secure aggregation: round %d: no site decrypted the sum; model unchanged", server_round)
+            return {k: np.asarray(v) for k, v in current.items()}
+        mean_model = he_vectors.apply_mean_delta(current, total, weight_sum)
+        aggregate = SiteUpdate("secure-aggregate", -1, mean_model, weight_sum, RecordDict())
+        return super().aggregate_arrays(server_round, current, [aggregate])
+
+    def _decrypt(self, server_round: int, chunks: list[bytes], values: int, updates) -> tuple[np.ndarray | None, str | None]:
+        """Ask the contributing sites in turn to decrypt the sum; the first valid answer wins."""
+        request = ConfigRecord({"chunks": chunks, "num-values": values, "server-round": server_round,
+                                "key-id": self.he_key_id, "contributors": len(updates),
+                                "run-key": self.run_dir.root.name})
+        for update in updates:
+            msg = Message(content=RecordDict({"he": request}), dst_node_id=update.node_id,
+                          message_type=QUERY_DECRYPT)
+            for reply in self._grid.send_and_receive([msg], timeout=self._timeout):
+                total = _decrypted_sum(reply, values)
+                if total is not None:
+                    return total, update.site
+                log(WARNING, "secure aggregation: %s did not decrypt the sum (%s)", update.site,
+                    reply.error.reason if reply.has_error() else "bad answer")
+        return None, None
+
+    def extra_train_line(self, server_round: int) -> dict[str, Any]:
+        return {"secure-aggregation": dict(self._he_line)}
+
+
+def _decrypted_sum(reply: Message, values: int) -> np.ndarray | None:
+    if reply.has_error() or "aggregate" not in reply.content.array_records:
+        return None
+    record = reply.content.array_records["aggregate"]
+    if list(record.keys()) != ["sum"]:
+        return None
+    total = record["sum"].numpy()
+    if total.shape != (values,) or not np.issubdtype(total.dtype, np.floating) or not np.isfinite(total).all():
+        return None
+    return total.astype(np.float64)
+
+
+_VARIANTS: dict[type, type] = {}
+
+
+def secure_variant(cls: type) -> type:
+    """``cls`` with encrypted aggregation in front (one class per strategy, cached)."""
+    if cls not in _VARIANTS:
+        _VARIANTS[cls] = type(f"Secure{cls.__name__}", (SecureAggregationMixin, cls), {})
+    return _VARIANTS[cls]
