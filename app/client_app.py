@@ -32,7 +32,7 @@ from app import site_he
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
-from privacy import DPSettings, DPSiteSession, dataset_id_for
+from privacy import DPSettings, DPSiteSession, LedgerError, case_units, study_share
 from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks.base import device
@@ -142,7 +142,16 @@ def train(msg: Message, context: Context) -> Message:
     epochs = int(config.get("local-epochs", rt.run.local_epochs))
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
-        session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs)
+        try:
+            study_epsilon = float(config.get("dp-study-epsilon", rt.run.dp_study_epsilon))
+            study_share(study_epsilon, rt.site.dp_epsilon)
+        except (TypeError, ValueError):
+            return Message(content=_refusal(rt, "privacy-bad-study-epsilon"), reply_to=msg)
+        try:
+            session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs, study_epsilon)
+        except LedgerError as exc:  # the budget spent is unknown: never train, never send the path
+            log.error("Refusing to train: %s", exc)
+            return Message(content=_refusal(rt, "privacy-ledger-error"), reply_to=msg)
         model = session.module
     else:
         model = rt.task.build_model()
@@ -150,10 +159,14 @@ def train(msg: Message, context: Context) -> Message:
     local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
     _load_global(model, shared, local_state)
     if session is not None:
-        refusal = session.begin_round(epochs)
-        if refusal is not None:
-            log.warning("Refusing to train: %s", refusal)
-            return Message(content=_refusal(rt, f"privacy-budget: {refusal}", session), reply_to=msg)
+        try:
+            refusal = session.begin_round(epochs)
+        except LedgerError as exc:
+            log.error("Refusing to train: %s", exc)
+            return Message(content=_refusal(rt, "privacy-ledger-error"), reply_to=msg)
+        if refusal is not None:  # a reason code (privacy.REFUSAL_CODES); the numbers stay in the log
+            log.warning("Refusing to train (%s): %s", refusal, session.refusal_detail)
+            return Message(content=_refusal(rt, refusal, session), reply_to=msg)
 
     options = LocalTrainingOptions(
         epochs=epochs,
@@ -203,7 +216,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: str, server_round: int,
-                epochs: int) -> DPSiteSession:
+                epochs: int, study_epsilon: float) -> DPSiteSession:
     """The site's DP-SGD session for this run (created once; the ledger lives in state-dir)."""
     # Keyed by where the ledger lives too: two runs in one process with equal run-dir names but
     # different sites' state (benchmarks, tests) must not share a session and its spent budget.
@@ -220,7 +233,8 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
         optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
             model=model, optimizer=optimizer, train_loader=rt.task.dp_loader(site_data), settings=settings,
-            state_dir=rt.site.state_dir, dataset_id=dataset_id_for(dataset.root), run_id=run_key,
+            state_dir=rt.site.state_dir, cases=case_units(dataset.root, [c.name for c in dataset.training]),
+            data_path=dataset.root, run_id=run_key, study_epsilon=study_epsilon,
             rounds=max(1, rt.run.num_server_rounds - server_round + 1), local_epochs=epochs,
             seed=_round_seed(rt.run, rt.site.site_name, server_round, "dp"),
         )

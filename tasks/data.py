@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from data_prep.site_dataset import Case
+from data_prep.site_dataset import Case, DatasetError
 
 
 def estimated_bytes(cases: tuple[Case, ...], spacing: tuple[float, float, float], channels: int = 2) -> int:
@@ -105,10 +105,14 @@ def cached_site_data(
     from monai.data import CacheDataset
 
     budget = budget_mb // 2 if test_items else budget_mb
-    train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
-                         cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
-    test = None
-    if test_items:
-        test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
-                            cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+    try:
+        train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
+                             cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
+        test = None
+        if test_items:
+            test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
+                                cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+    except Exception as exc:  # noqa: BLE001 - corrupt voxels surface only when MONAI reads them
+        raise DatasetError(f"{dataset.root}: a case could not be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
     return SiteData(train, test, len(train_items), modality)
