@@ -103,6 +103,7 @@ class RunConfig:
     central_dp_delta: float = 1e-5
     central_dp_sites: int = 0
     secure_aggregation: str = "off"
+    he_public_context: str = ""
     demo: bool = True
     demo_sites: int = 3
     demo_size: str = "standard"

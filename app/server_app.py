@@ -66,6 +66,7 @@ def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> Strat
         central_dp_delta=run.central_dp_delta,
         central_dp_sites=run.central_dp_sites,
         secure_aggregation=run.secure_aggregation,
+        he_public_context=run.he_public_context,
     )
 
 

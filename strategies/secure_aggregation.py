@@ -12,13 +12,15 @@ cross-site evaluation see an ordinary plaintext global model. No site's update i
 decrypted alone: a round with fewer than two encrypted updates leaves the model unchanged.
 
 Options that need individual plaintext updates at the coordinator are refused at start
-(:func:`refusal`). The coordinator gets the public context from a site (query ``he_public``)
-and refuses one that holds a secret key.
+(:func:`refusal`). The coordinator reads the public context from run config
+``he-public-context`` (deployment: written by ``deploy init``), else asks a site for it (query
+``he_public``); either way it refuses a context that holds a secret key.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -76,6 +78,9 @@ class SecureAggregationMixin:
         super().__init__(*args, **kwargs)
         self.he_public = None
         self.he_key_id = ""
+        if self.settings.he_public_context:  # deployment: the coordinator's copy from deploy init
+            self.he_public, self.he_key_id = he_keys.read_key_file(
+                Path(self.settings.he_public_context).expanduser(), need_secret=False)
         self._he_vectors: dict[str, list] = {}
         self._he_line: dict[str, Any] = {}
 

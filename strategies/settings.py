@@ -77,6 +77,7 @@ class StrategySettings:
     central_dp_delta: float = 1e-5
     central_dp_sites: int = 0
     secure_aggregation: str = "off"
+    he_public_context: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:

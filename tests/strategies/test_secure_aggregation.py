@@ -193,3 +193,23 @@ def test_the_decrypting_site_must_have_trained_in_the_round(tmp_path, study_key)
                             "contributors": 2})
     with pytest.raises(site_he.SecureAggregationError, match="did not train"):
         site_he.decrypt_sum(ctx, key_id, request, tmp_path / "other-site", "run")
+
+
+def test_the_coordinator_uses_its_public_context_file_and_refuses_a_secret_one(tmp_path, study_key):
+    ctx, key_id = study_key
+    public_file, secret_file = tmp_path / "public.ckks", tmp_path / "site.ckks"
+    public_file.write_bytes(he_keys.encode(he_keys.public_copy(ctx), key_id, secret=False))
+    secret_file.write_bytes(he_keys.encode(ctx, key_id, secret=True))
+    with pytest.raises(he_keys.KeyMaterialError, match="holds a secret key"):
+        build_strategy(_settings(secure_aggregation="he", he_public_context=str(secret_file)), RunDirectory(tmp_path / "x"))
+    # sites that encrypt under another key than the coordinator's file are excluded, never adopted
+    other = he_keys.new_context()
+    strategy = build_strategy(_settings(rounds=1, secure_aggregation="he", he_public_context=str(public_file)),
+                              RunDirectory(tmp_path / "run"))
+    sites = _he_sites(study_key, tmp_path)
+    sites[12] = EncryptingSite(sites[12].inner, other, tmp_path / "other")
+    strategy.run(FakeGrid(sites), _record(initial_model()))
+    train = [r for r in _lines(tmp_path / "run") if r["phase"] == "train"][0]
+    assert list(train["excluded"]) == ["site-2"] and "another key" in train["excluded"]["site-2"]
+    assert train["secure-aggregation"]["contributors"] == 2 and train["secure-aggregation"]["key-id"] == key_id
+    assert not [m for m in strategy._grid.sent if m.metadata.message_type == QUERY_PUBLIC]
