@@ -67,3 +67,24 @@ def test_he_study_equals_plaintext_fedavg_and_keeps_keys_at_the_sites(tmp_path):
     files = [p for p in he_dir.rglob("*") if p.is_file()]
     assert (he_dir / "cross_site.json").is_file() and (he_dir / "checkpoints" / "best.pt").is_file()
     assert not [p for p in files if needle in p.read_bytes()]
+    # what left the sites under he: ciphertexts, ids, numbers, the public context, the decrypted sum
+    he_keys_allowed = {"chunks", "key-id", "layout", "num-values", "clipped-to", "context"}
+    kinds = {m.metadata.message_type for m in grid.replies}
+    assert {"train", "query.he_public", "query.he_decrypt", "evaluate"} <= kinds
+    for reply in grid.replies:
+        content = reply.content
+        for name, record in content.config_records.items():
+            assert name in ("he", "site"), name
+            if name == "he":
+                assert set(record) <= he_keys_allowed
+                assert all(isinstance(c, bytes) for c in record.get("chunks", []))
+            else:
+                assert set(record) <= {"site-name", "eval-dataset", "channel-names"}
+            for value in record.values():
+                if isinstance(value, str):
+                    assert "/" not in value and str(tmp_path) not in value
+        if reply.metadata.message_type != "query.he_decrypt":
+            assert not content.array_records
+        else:
+            assert list(content.array_records) == ["aggregate"]
+            assert list(content.array_records["aggregate"]) == ["sum"]
