@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -71,26 +71,31 @@ def refusal(run: Any) -> tuple[str, str] | None:
     return None
 
 
-class SecureAggregationMixin:
-    """Put in front of a fedimaging strategy class (:func:`secure_variant`); see module doc."""
+class SecureAggregator:
+    """The coordinator's side, independent of the strategy class: public context, checks, sum.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.he_public = None
-        self.he_key_id = ""
-        if self.settings.he_public_context:  # deployment: the coordinator's copy from deploy init
-            self.he_public, self.he_key_id = he_keys.read_key_file(
-                Path(self.settings.he_public_context).expanduser(), need_secret=False)
-        self._he_vectors: dict[str, list] = {}
-        self._he_line: dict[str, Any] = {}
+    One instance per run; :meth:`begin_round`, :meth:`check` per reply, :meth:`settle` after
+    screening, :meth:`aggregate` with the accepted updates, :meth:`line` for ``metrics.jsonl``.
+    """
 
-    # -- public context ------------------------------------------------------------------
-    def _fetch_public_context(self, grid: Grid, node_ids: list[int]) -> None:
-        """The study's public context from the first site that gives a valid one."""
+    def __init__(self, public_context_file: str, run_key: str) -> None:
+        self.public = None
+        self.key_id = ""
+        self.run_key = run_key
+        if public_context_file:  # deployment: the coordinator's copy from deploy init
+            self.public, self.key_id = he_keys.read_key_file(Path(public_context_file).expanduser(),
+                                                             need_secret=False)
+        self._vectors: dict[str, list] = {}
+        self._line: dict[str, Any] = {}
+
+    def fetch_public_context(self, grid: Grid, node_ids: Iterable[int], timeout: float | None) -> None:
+        """The study's public context from the first site that gives a valid one (if none is set)."""
+        if self.public is not None:
+            return
         for node in node_ids:
-            msg = Message(content=RecordDict({"config": ConfigRecord({"query": "he-public", "run-key": self.run_dir.root.name})}),
-                          dst_node_id=node, message_type=QUERY_PUBLIC)
-            for reply in grid.send_and_receive([msg], timeout=self._timeout):
+            content = RecordDict({"config": ConfigRecord({"query": "he-public", "run-key": self.run_key})})
+            msg = Message(content=content, dst_node_id=node, message_type=QUERY_PUBLIC)
+            for reply in grid.send_and_receive([msg], timeout=timeout):
                 record = None if reply.has_error() else reply.content.config_records.get("he")
                 try:
                     if record is None:
@@ -100,111 +105,134 @@ class SecureAggregationMixin:
                 except (he_keys.KeyMaterialError, KeyError, TypeError) as exc:
                     log(WARNING, "secure aggregation: node %s gave no usable public context: %s", node, exc)
                     continue
-                self.he_public, self.he_key_id = ctx, key_id
+                self.public, self.key_id = ctx, key_id
                 log(INFO, "secure aggregation: public CKKS context, key id %s", key_id)
                 return
         raise RuntimeError("secure-aggregation=he: no site answered with a public CKKS context "
                            "(are the sites' key files in place? see README 'Encrypted aggregation')")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self._he_vectors, self._he_line = {}, {}
-        if msgs and self.he_public is None:
-            self._fetch_public_context(grid, [int(m.metadata.dst_node_id) for m in msgs])
-        return msgs
+    def begin_round(self, sent: Mapping[str, np.ndarray]) -> None:
+        self._vectors, self._line = {}, {}
+        self._values, self._layout = he_vectors.num_values(sent), he_vectors.layout_id(sent)
 
-    # -- screening: encrypted replies instead of arrays ----------------------------------
-    def screen_train_replies(self, msgs: list[Message]):
-        from .base import ScreenResult, SiteUpdate  # local: base imports this module's users
-
-        screened = ScreenResult()
-        values, layout = he_vectors.num_values(self._sent), he_vectors.layout_id(self._sent)
-        sizes: dict[str, int] = {}
-        for site, msg, metrics in self._screen_common(msgs, screened):
-            content = msg.content
-            weight = float(metrics[WEIGHT_KEY])
-            record = content.config_records.get("he")
-            reason = None
-            if weight <= 0:
-                reason = "reported 0 training cases"
-            elif record is None:
-                reason = ("sent a plaintext update: secure-aggregation=he accepts encrypted updates only"
-                          if self.arrayrecord_key in content.array_records else "reply has no encrypted update ('he')")
-            elif self.settings.dp_required and not validation.has_dp_metadata(metrics):
-                reason = "no DP metadata (dp-required=true): the site must train with DP-SGD"
-            else:
-                reason = self._check_record(site, record, values, layout)
-            if reason:
-                screened.excluded[site] = reason
-                self._he_vectors.pop(site, None)
-                continue
-            sizes[site] = sum(len(c) for c in record["chunks"])
-            screened.accepted.append(SiteUpdate(site, int(msg.metadata.src_node_id), {}, weight, content))
-        if 0 < len(screened.accepted) < MIN_CONTRIBUTORS:
-            for update in screened.accepted:
-                screened.excluded[update.site] = (f"only {len(screened.accepted)} encrypted update(s) this round: "
-                                                  f"secure aggregation needs >= {MIN_CONTRIBUTORS}; model unchanged")
-            screened.accepted = []
-        self._he_line = {"mode": "he", "key-id": self.he_key_id, "ciphertexts-per-site": len(
-            he_vectors.chunk_sizes(values)), "bytes-up": sizes, "contributors": len(screened.accepted)}
-        return screened
-
-    def _check_record(self, site: str, record: Mapping[str, Any], values: int, layout: str) -> str | None:
-        if str(record.get("key-id", "")) != self.he_key_id:
-            return f"encrypted under another key (key id {str(record.get('key-id', ''))[:32]!r}, study's {self.he_key_id!r})"
-        if str(record.get("layout", "")) != layout or record.get("num-values") != values:
-            return f"encrypted parameter layout does not match the model sent ({values} values expected)"
+    def check(self, site: str, content: RecordDict, arrays_key: str) -> str | None:
+        """Why this (otherwise valid) train reply cannot be added, or None (its ciphertexts are kept)."""
+        record = content.config_records.get("he")
+        if record is None:
+            return ("sent a plaintext update: secure-aggregation=he accepts encrypted updates only"
+                    if arrays_key in content.array_records else "reply has no encrypted update ('he')")
+        if str(record.get("key-id", "")) != self.key_id:
+            return f"encrypted under another key (key id {str(record.get('key-id', ''))[:32]!r}, study's {self.key_id!r})"
+        if str(record.get("layout", "")) != self._layout or record.get("num-values") != self._values:
+            return f"encrypted parameter layout does not match the model sent ({self._values} values expected)"
         chunks = record.get("chunks")
         if not isinstance(chunks, list):
             return "encrypted update has no ciphertext list"
         try:
-            self._he_vectors[site] = he_vectors.load_chunks(self.he_public, chunks, values)
+            self._vectors[site] = he_vectors.load_chunks(self.public, chunks, self._values)
         except ValueError as exc:
             return validation.short(f"bad ciphertext: {exc}")
+        self._line.setdefault("bytes-up", {})[site] = sum(len(c) for c in chunks)
         return None
 
-    def _apply_norm_bound(self, screened):
-        """The coordinator cannot see encrypted norms: the sites clip (max-update-norm)."""
-        return {}, {}
+    def settle(self, accepted: list, excluded: dict[str, str]) -> list:
+        """Drop what was excluded later; below :data:`MIN_CONTRIBUTORS` nothing is added (model unchanged)."""
+        names = {u.site for u in accepted}
+        self._vectors = {k: v for k, v in self._vectors.items() if k in names}
+        if 0 < len(accepted) < MIN_CONTRIBUTORS:
+            for update in accepted:
+                excluded[update.site] = (f"only {len(accepted)} encrypted update(s) this round: secure "
+                                         f"aggregation needs >= {MIN_CONTRIBUTORS}; model unchanged")
+            accepted = []
+            self._vectors = {}
+        self._line.update({"mode": "he", "key-id": self.key_id, "contributors": len(accepted),
+                           "ciphertexts-per-site": len(he_vectors.chunk_sizes(self._values))})
+        self._line["bytes-up"] = {k: v for k, v in self._line.get("bytes-up", {}).items() if k in self._vectors}
+        return accepted
 
-    # -- aggregation: ciphertext sum, decrypted by one contributing site ------------------
-    def aggregate_arrays(self, server_round: int, current, updates):
-        from .base import SiteUpdate
+    def aggregate(self, server_round: int, current: Mapping[str, np.ndarray], updates: list, grid: Grid,
+                  timeout: float | None, inner: Callable[[list], Mapping[str, np.ndarray]]):
+        """Ciphertext sum -> one site decrypts -> ``inner([the mean as one update])``; unchanged if none can."""
+        from .base import SiteUpdate  # local: base imports the strategies that import this module
 
         t0 = time.monotonic()
-        total_ct = he_vectors.sum_chunks([self._he_vectors.pop(u.site) for u in updates])
+        total_ct = he_vectors.sum_chunks([self._vectors.pop(u.site) for u in updates])
         weight_sum = float(sum(u.weight for u in updates))
-        values = he_vectors.num_values(current)
-        self._he_line.update({"weights-sum": weight_sum, "sum-seconds": round(time.monotonic() - t0, 3),
-                              "bytes-down-decrypt": sum(len(c) for c in total_ct)})
-        total, by = self._decrypt(server_round, total_ct, values, updates)
-        self._he_line["decrypted-by"] = by
+        self._line.update({"weights-sum": weight_sum, "sum-seconds": round(time.monotonic() - t0, 3),
+                           "bytes-down-decrypt": sum(len(c) for c in total_ct)})
+        total, by = self._decrypt(server_round, total_ct, updates, grid, timeout)
+        self._line["decrypted-by"] = by
         if total is None:
             log(WARNING, "secure aggregation: round %d: no site decrypted the sum; model unchanged", server_round)
             return {k: np.asarray(v) for k, v in current.items()}
         mean_model = he_vectors.apply_mean_delta(current, total, weight_sum)
-        aggregate = SiteUpdate("secure-aggregate", -1, mean_model, weight_sum, RecordDict())
-        return super().aggregate_arrays(server_round, current, [aggregate])
+        return inner([SiteUpdate("secure-aggregate", -1, mean_model, weight_sum, RecordDict())])
 
-    def _decrypt(self, server_round: int, chunks: list[bytes], values: int, updates) -> tuple[np.ndarray | None, str | None]:
+    def _decrypt(self, server_round: int, chunks: list[bytes], updates: list, grid: Grid,
+                 timeout: float | None) -> tuple[np.ndarray | None, str | None]:
         """Ask the contributing sites in turn to decrypt the sum; the first valid answer wins."""
-        request = ConfigRecord({"chunks": chunks, "num-values": values, "server-round": server_round,
-                                "key-id": self.he_key_id, "contributors": len(updates),
-                                "run-key": self.run_dir.root.name})
+        request = ConfigRecord({"chunks": chunks, "num-values": self._values, "server-round": server_round,
+                                "key-id": self.key_id, "contributors": len(updates), "run-key": self.run_key})
         for update in updates:
             msg = Message(content=RecordDict({"he": request}), dst_node_id=update.node_id,
                           message_type=QUERY_DECRYPT)
-            for reply in self._grid.send_and_receive([msg], timeout=self._timeout):
-                total = _decrypted_sum(reply, values)
+            for reply in grid.send_and_receive([msg], timeout=timeout):
+                total = _decrypted_sum(reply, self._values)
                 if total is not None:
                     return total, update.site
                 log(WARNING, "secure aggregation: %s did not decrypt the sum (%s)", update.site,
                     reply.error.reason if reply.has_error() else "bad answer")
         return None, None
 
+    def line(self) -> dict[str, Any]:
+        return {"secure-aggregation": dict(self._line)}
+
+
+class SecureAggregationMixin:
+    """Glue: put in front of a fedimaging strategy class (:func:`secure_variant`); see module doc."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.he = SecureAggregator(self.settings.he_public_context, self.run_dir.root.name)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.he.begin_round(self._sent)
+        if msgs:
+            self.he.fetch_public_context(grid, [int(m.metadata.dst_node_id) for m in msgs], self._timeout)
+        return msgs
+
+    def screen_train_replies(self, msgs: list[Message]):
+        from .base import ScreenResult, SiteUpdate  # local: base imports this module's users
+
+        screened = ScreenResult()
+        for site, msg, metrics in self._screen_common(msgs, screened):
+            weight = float(metrics[WEIGHT_KEY])
+            if weight <= 0:
+                reason = "reported 0 training cases"
+            elif self.settings.dp_required and not validation.has_dp_metadata(metrics):
+                reason = "no DP metadata (dp-required=true): the site must train with DP-SGD"
+            else:
+                reason = self.he.check(site, msg.content, self.arrayrecord_key)
+            if reason:
+                screened.excluded[site] = reason
+                continue
+            screened.accepted.append(SiteUpdate(site, int(msg.metadata.src_node_id), {}, weight, msg.content))
+        screened.accepted = self.he.settle(screened.accepted, screened.excluded)
+        return screened
+
+    def _apply_norm_bound(self, screened):
+        """The coordinator cannot see encrypted norms: the sites clip (max-update-norm)."""
+        return {}, {}
+
+    def aggregate_arrays(self, server_round: int, current, updates):
+        inner = super().aggregate_arrays
+        return self.he.aggregate(server_round, current, updates, self._grid, self._timeout,
+                                 lambda one: inner(server_round, current, one))
+
     def extra_train_line(self, server_round: int) -> dict[str, Any]:
-        return {"secure-aggregation": dict(self._he_line)}
+        return self.he.line()
 
 
 def _decrypted_sum(reply: Message, values: int) -> np.ndarray | None:

@@ -97,11 +97,11 @@ def test_he_gives_the_plaintext_model_and_the_coordinator_holds_no_secret_key(tm
     assert len(train) == 3 and all(r["secure-aggregation"]["contributors"] == 3 for r in train)
     assert all(r["secure-aggregation"]["decrypted-by"] == "site-0" and not r["excluded"] for r in train)
     # no secret key at the coordinator: its context is public, cannot decrypt, and no file holds key bytes
-    assert strategy.he_public.is_public() and not strategy.he_public.has_secret_key()
+    assert strategy.he.public.is_public() and not strategy.he.public.has_secret_key()
     ctx, key_id = study_key
     chunks = he_vectors.encrypt_chunks(ctx, np.ones(4))
     with pytest.raises(ValueError):
-        he_vectors.load_chunks(strategy.he_public, chunks, 4)[0].decrypt()
+        he_vectors.load_chunks(strategy.he.public, chunks, 4)[0].decrypt()
     secret = tmp_path / "secret-key.bin"
     ctx.secret_key().data.save(str(secret))
     needle = secret.read_bytes()[4096:4160]
@@ -177,7 +177,7 @@ def test_resume_of_an_he_study(tmp_path, study_key):
             FakeGrid(_he_sites(study_key, tmp_path / "b"), interrupt_at_round=3), _record(initial_model()))
     resumed = build_strategy(_settings(secure_aggregation="he", resume_from=str(run_dir.root)), run_dir)
     result = resumed.run(FakeGrid(_he_sites(study_key, tmp_path / "b")), _record(initial_model()))
-    assert resumed.he_public is not None  # fetched again: no key material in the server state
+    assert resumed.he.public is not None  # fetched again: no key material in the server state
     for key in FLOAT_KEYS:
         assert np.abs(result.arrays[key].numpy() - full.arrays[key].numpy()).max() < 1e-6
     rounds = [r["round"] for r in _lines(run_dir.root) if r["phase"] == "train"]
@@ -208,8 +208,9 @@ def test_the_coordinator_uses_its_public_context_file_and_refuses_a_secret_one(t
                               RunDirectory(tmp_path / "run"))
     sites = _he_sites(study_key, tmp_path)
     sites[12] = EncryptingSite(sites[12].inner, other, tmp_path / "other")
-    strategy.run(FakeGrid(sites), _record(initial_model()))
+    grid = FakeGrid(sites)
+    strategy.run(grid, _record(initial_model()))
     train = [r for r in _lines(tmp_path / "run") if r["phase"] == "train"][0]
     assert list(train["excluded"]) == ["site-2"] and "another key" in train["excluded"]["site-2"]
     assert train["secure-aggregation"]["contributors"] == 2 and train["secure-aggregation"]["key-id"] == key_id
-    assert not [m for m in strategy._grid.sent if m.metadata.message_type == QUERY_PUBLIC]
+    assert not [m for m in grid.sent if m.metadata.message_type == QUERY_PUBLIC]
