@@ -21,7 +21,7 @@ SITES = ("site-a", "site-b")
 TINY = {
     "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16", "channels": "4,8",
     "num-res-units": 0, "crops-per-case": 1, "local-epochs": 1, "batch-size": 2, "torch-threads": 1,
-    "cross-site": False, "seed": 3, "num-server-rounds": 1, "min-available-sites": 2,
+    "cross-site": False, "seed": 3, "num-server-rounds": 1, "min-available-sites": 2, "demo": False,
 }
 
 
