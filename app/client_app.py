@@ -3,15 +3,18 @@
 What leaves the site is chosen here, by parameter name: the model's shared arrays, numeric
 metrics, the site's public name and, for SCAFFOLD, the change of its control variate. No
 file path, case name or image value is ever put into a reply; dataset errors are logged in
-full at the site and reported to the server only as a generic reason.
+full at the site and reported to the server only as a reason code (``app.site_failures``):
+every train and evaluate call is wrapped by :func:`_reported_as_code`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,28 +32,35 @@ from flwr.clientapp import ClientApp
 from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
 from app import site_he
+from app.site_failures import SiteDataError, failure_code, refusal_reason
+from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
 from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
 from privacy import DPSettings, DPSiteSession, LedgerError, case_units, study_share
-from strategies.central_dp import site_clipping_mod
-from tasks import LocalTrainingOptions, Task, get_task
-from tasks.base import device
-from tasks.data import SiteDataCache
-from tasks.training import make_optimizer
+from tasks import LocalTrainingOptions, SiteDataCache, Task, device, get_task, make_optimizer
 
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()
+
+
+def _site_console() -> None:
+    """Site progress and failures on the SuperNode's console: Flower configures only its own logger."""
+    package = logging.getLogger("fedimaging")
+    if not logging.getLogger().handlers and not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+_site_console()
 
 # Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
 _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}
 # One DP-SGD session per (run, site, state, dataset) for the life of the process: never a new engine per round.
 _DP_SESSIONS: dict[tuple[str, str, str, str], DPSiteSession] = {}
-
-
-class SiteDataError(RuntimeError):
-    """Raised (and sent to the server) without any path or case detail."""
 
 
 @dataclass
@@ -92,10 +102,7 @@ def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
             path = rt.site.data_path
         return load_site_dataset(path, require_training=which != "unseen")
     except DatasetError as exc:
-        log.error("Site dataset is not valid: %s", exc)
-        raise SiteDataError(
-            "site dataset is not valid; the site's log names the file (fix it, e.g. re-run 'fedimaging prep')"
-        ) from None
+        raise SiteDataError(f"site dataset is not valid (fix it, e.g. re-run 'fedimaging prep'): {exc}") from exc
 
 
 def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
@@ -116,14 +123,37 @@ def _load_global(model: torch.nn.Module, arrays: ArrayRecord, local: dict[str, t
     # saved its own (first round) they keep their initial values, identical at every site.
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}")
+        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}",
+                            "message-invalid")
 
 
 def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
     return ConfigRecord({"site-name": rt.site.site_name, **extra})
 
 
+def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Any failure: the full traceback in the site's log, only a reason code in the reply."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure, whatever raised it
+            code = failure_code(exc)
+            log.exception("%s failed at this site (reported to the server only as '%s')",
+                          msg.metadata.message_type, code)
+            try:
+                site = _site_record(_runtime(context), **{"refused-reason": refusal_reason(code)})
+            except Exception:  # noqa: BLE001 - the site's own config is what failed
+                site = ConfigRecord({"refused-reason": refusal_reason(code)})
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "refused": 1}), "site": site})
+            return Message(content=content, reply_to=msg)
+
+    return guarded
+
+
 @app.train(mods=[site_clipping_mod])
+@_reported_as_code
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
     rt = _runtime(context)
@@ -139,7 +169,7 @@ def train(msg: Message, context: Context) -> Message:
         # A local-only model trained without DP-SGD would leak what the site's budget protects.
         return Message(content=_refusal(rt, "local baselines are not trained at a DP site"), reply_to=msg)
     shared = msg.content["arrays"]
-    epochs = int(config.get("local-epochs", rt.run.local_epochs))
+    epochs = int(config["local-epochs"])
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
         try:
@@ -171,7 +201,7 @@ def train(msg: Message, context: Context) -> Message:
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
-        lr=rt.run.round_lr(float(config.get("lr", rt.run.lr)), 0 if baseline else server_round),
+        lr=float(config["lr"]),  # the server's schedule decides each round's learning rate
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
@@ -207,7 +237,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     if rt.run.secure_aggregation == "he" and not baseline:  # the update leaves only encrypted
         del reply["arrays"]
-        reply["he"] = _encrypted_update(rt, run_key, shared, state, result.num_examples, server_round)
+        reply["he"] = site_he.train_record(rt.run, rt.site, run_key, shared, state, result.num_examples,
+                                           server_round)
     if result.scaffold_delta is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
@@ -228,7 +259,7 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
         try:
             settings = DPSettings.from_node_config(node, len(dataset.training))
         except ValueError as exc:
-            raise SiteDataError(f"site DP settings: {exc}") from None
+            raise SiteDataError(f"site DP settings: {exc}", "site-config-invalid") from None
         model = rt.task.build_model().to(device())
         optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
@@ -249,42 +280,28 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
     return RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(rt, **{"refused-reason": reason})})
 
 
-def _he_context(rt: SiteRuntime, run_key: str):
-    path = site_he.key_path(rt.site.he_context, rt.run.state_root_path, run_key)
-    return site_he.site_context(path, create=rt.site.he_context is None)  # simulation creates per study
-
-
-def _encrypted_update(rt: SiteRuntime, run_key: str, shared: ArrayRecord, state: dict[str, torch.Tensor],
-                      num_examples: int, server_round: int) -> ConfigRecord:
-    ctx, key_id = _he_context(rt, run_key)
-    sent = {k: v.numpy() for k, v in shared.items()}
-    local = {k: state[k].detach().cpu().numpy() for k in shared.keys()}
-    return site_he.encrypted_update(ctx, key_id, sent, local, num_examples, rt.run.max_update_norm,
-                                    rt.site.state_dir, run_key, server_round)
-
-
 @app.query("he_public")
+@_reported_as_code
 def he_public(msg: Message, context: Context) -> Message:
     """secure-aggregation=he: the study's public CKKS context (never the secret key)."""
     rt = _runtime(context)
-    ctx, key_id = _he_context(rt, str(msg.content["config"].get("run-key", f"run-{context.run_id}")))
-    reply = RecordDict({"he": site_he.public_context_reply(ctx, key_id), "site": _site_record(rt)})
+    reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
+    reply["site"] = _site_record(rt)
     return Message(content=reply, reply_to=msg)
 
 
 @app.query("he_decrypt")
+@_reported_as_code
 def he_decrypt(msg: Message, context: Context) -> Message:
     """secure-aggregation=he: decrypt the coordinator's ciphertext sum of a round this site trained in."""
     rt = _runtime(context)
-    request = msg.content["he"]
-    run_key = str(request.get("run-key", f"run-{context.run_id}"))
-    ctx, key_id = _he_context(rt, run_key)
-    reply = site_he.decrypt_sum(ctx, key_id, request, rt.site.state_dir, run_key)
+    reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
     reply["site"] = _site_record(rt)
     return Message(content=reply, reply_to=msg)
 
 
 @app.query()
+@_reported_as_code
 def query(msg: Message, context: Context) -> Message:
     """Before round 1: the site's image channel names and count (no path, no case data)."""
     rt = _runtime(context)
@@ -296,6 +313,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_reported_as_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
     rt = _runtime(context)

@@ -24,6 +24,7 @@ import numpy as np
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from app.site_failures import SiteDataError
 from privacy import he_keys, he_vectors
 
 log = logging.getLogger("fedimaging.site")
@@ -31,8 +32,11 @@ MIN_CONTRIBUTORS = 2
 _CONTEXTS: dict[str, tuple[ts.Context, str]] = {}
 
 
-class SecureAggregationError(RuntimeError):
-    """The site cannot take part in encrypted aggregation (reported without any path)."""
+class SecureAggregationError(SiteDataError):
+    """The site cannot take part in encrypted aggregation (the server gets only the code)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "secure-aggregation")
 
 
 def key_path(he_context: Path | None, state_root: Path, run_key: str) -> Path:
@@ -47,9 +51,7 @@ def site_context(path: Path, *, create: bool) -> tuple[ts.Context, str]:
         try:
             _CONTEXTS[key] = he_keys.create_or_read(path) if create else he_keys.read_key_file(path, need_secret=True)
         except he_keys.KeyMaterialError as exc:
-            log.error("secure-aggregation=he: %s", exc)
-            raise SecureAggregationError("secure-aggregation=he: this site's CKKS key file is missing or "
-                                         "invalid (node config 'he-context'; the site's log names it)") from None
+            raise SecureAggregationError(f"secure-aggregation=he: {exc} (node config 'he-context')") from None
     return _CONTEXTS[key]
 
 
@@ -109,3 +111,30 @@ def decrypt_sum(ctx: ts.Context, key_id: str, request: ConfigRecord, state_dir: 
     except ValueError as exc:
         raise SecureAggregationError(f"cannot decrypt the sum: {exc}") from None
     return RecordDict({"aggregate": ArrayRecord({"sum": Array(total)})})
+
+
+# -- what the ClientApp calls (run and site config in, records out) ------------------------------
+def _context_of(run, site, run_key: str) -> tuple[ts.Context, str]:
+    path = key_path(site.he_context, run.state_root_path, run_key)
+    return site_context(path, create=site.he_context is None)  # only simulation creates, per study
+
+
+def train_record(run, site, run_key: str, shared: ArrayRecord, state, num_examples: int,
+                 server_round: int) -> ConfigRecord:
+    """The ``he`` record of a train reply (the update as ciphertexts; the site clips it first)."""
+    ctx, key_id = _context_of(run, site, run_key)
+    sent = {k: v.numpy() for k, v in shared.items()}
+    local = {k: state[k].detach().cpu().numpy() for k in shared.keys()}
+    return encrypted_update(ctx, key_id, sent, local, num_examples, run.max_update_norm, site.state_dir,
+                            run_key, server_round)
+
+
+def public_reply(run, site, config: ConfigRecord, default_key: str) -> RecordDict:
+    ctx, key_id = _context_of(run, site, str(config.get("run-key", default_key)))
+    return RecordDict({"he": public_context_reply(ctx, key_id)})
+
+
+def decrypt_reply(run, site, request: ConfigRecord, default_key: str) -> RecordDict:
+    run_key = str(request.get("run-key", default_key))
+    ctx, key_id = _context_of(run, site, run_key)
+    return decrypt_sum(ctx, key_id, request, site.state_dir, run_key)

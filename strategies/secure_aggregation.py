@@ -20,20 +20,26 @@ Options that need individual plaintext updates at the coordinator are refused at
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from privacy import he_keys, he_vectors
 
 from . import validation
+from .extension import StrategyExtension
 from .metrics import WEIGHT_KEY
+from .records import Arrays, ScreenResult, SiteUpdate
+from .screening import ReplyScreener
+
+if TYPE_CHECKING:
+    from .base import FedImagingFedAvg
 
 MODES = ("off", "he")
 MIN_CONTRIBUTORS = 2
@@ -43,13 +49,22 @@ QUERY_DECRYPT = f"{MessageType.QUERY}.he_decrypt"
 HE_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
 
 
-def refusal(run: Any) -> tuple[str, str] | None:
-    """(key, reason) if the run config cannot run with ``secure-aggregation=he``, else None.
+def refusal(run: Any) -> str | None:
+    """Why the run config cannot run with ``secure-aggregation=he`` (naming the key), else None.
 
     ``run`` is the parsed run config (attribute names as its keys, ``-`` -> ``_``).
     """
     if run.secure_aggregation == "off":
         return None
+    refused = _refused_key(run)
+    if refused is None:
+        return None
+    key, why = refused
+    return (f"run config '{key}={getattr(run, key.replace('-', '_'))}' cannot be used with "
+            f"secure-aggregation=he: {why}")
+
+
+def _refused_key(run: Any) -> tuple[str, str] | None:
     if run.strategy not in HE_STRATEGIES:
         return ("strategy", f"{run.strategy!r} needs every site's plaintext update at the coordinator; "
                 f"with secure-aggregation=he use one of {', '.join(HE_STRATEGIES)}")
@@ -153,8 +168,6 @@ class SecureAggregator:
     def aggregate(self, server_round: int, current: Mapping[str, np.ndarray], updates: list, grid: Grid,
                   timeout: float | None, inner: Callable[[list], Mapping[str, np.ndarray]]):
         """Ciphertext sum -> one site decrypts -> ``inner([the mean as one update])``; unchanged if none can."""
-        from .base import SiteUpdate  # local: base imports the strategies that import this module
-
         t0 = time.monotonic()
         total_ct = he_vectors.sum_chunks([self._vectors.pop(u.site) for u in updates])
         weight_sum = float(sum(u.weight for u in updates))
@@ -188,33 +201,47 @@ class SecureAggregator:
         return {"secure-aggregation": dict(self._line)}
 
 
-class SecureAggregationMixin:
-    """Glue: put in front of a fedimaging strategy class (:func:`secure_variant`); see module doc."""
+class SecureAggregationExtension(StrategyExtension):
+    """The strategy's hooks under secure-aggregation=he: aggregation on the ciphertext sum."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.he = SecureAggregator(self.settings.he_public_context, self.run_dir.root.name)
+    state_key = "secure-aggregation"
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self.he.begin_round(self._sent)
-        if msgs:
-            self.he.fetch_public_context(grid, [int(m.metadata.dst_node_id) for m in msgs], self._timeout)
-        return msgs
+    def __init__(self, strategy: FedImagingFedAvg) -> None:
+        self.strategy = strategy
+        self.he = SecureAggregator(strategy.settings.he_public_context, strategy.run_dir.root.name)
+        self.grid: Grid | None = None
+        self.timeout: float | None = None
 
-    def screen_train_replies(self, msgs: list[Message]):
-        from .base import ScreenResult, SiteUpdate  # local: base imports this module's users
+    def aggregate(self, server_round: int, current: Arrays, updates: list[SiteUpdate]) -> Arrays:
+        inner = self.strategy.aggregate_arrays
+        return self.he.aggregate(server_round, current, updates, self.grid, self.timeout,
+                                 lambda one: inner(server_round, current, one))
 
+    def train_line(self, server_round: int, released: bool) -> dict[str, Any]:
+        return self.he.line()
+
+    def restore(self, state: Mapping[str, Any] | None, root: str) -> None:
+        """Nothing to restore: no key material is saved; the public context is read or fetched again."""
+
+
+class _EncryptedReplyScreener(ReplyScreener):
+    """Screens train replies that carry ciphertexts ('he') instead of arrays."""
+
+    def __init__(self, he: SecureAggregator) -> None:
+        super().__init__()
+        self.he = he
+
+    def screen_train(self, msgs, sent, arrays_key, *, dp_required, check_extra) -> ScreenResult:
+        self.he.begin_round(sent)
         screened = ScreenResult()
         for site, msg, metrics in self._screen_common(msgs, screened):
             weight = float(metrics[WEIGHT_KEY])
             if weight <= 0:
                 reason = "reported 0 training cases"
-            elif self.settings.dp_required and not validation.has_dp_metadata(metrics):
+            elif dp_required and not validation.has_dp_metadata(metrics):
                 reason = "no DP metadata (dp-required=true): the site must train with DP-SGD"
             else:
-                reason = self.he.check(site, msg.content, self.arrayrecord_key)
+                reason = self.he.check(site, msg.content, arrays_key)
             if reason:
                 screened.excluded[site] = reason
                 continue
@@ -222,17 +249,28 @@ class SecureAggregationMixin:
         screened.accepted = self.he.settle(screened.accepted, screened.excluded)
         return screened
 
-    def _apply_norm_bound(self, screened):
-        """The coordinator cannot see encrypted norms: the sites clip (max-update-norm)."""
-        return {}, {}
 
-    def aggregate_arrays(self, server_round: int, current, updates):
-        inner = super().aggregate_arrays
-        return self.he.aggregate(server_round, current, updates, self._grid, self._timeout,
-                                 lambda one: inner(server_round, current, one))
+class _Driver:
+    """Runs the strategy's own rounds after giving the extension the grid and the public context."""
 
-    def extra_train_line(self, server_round: int) -> dict[str, Any]:
-        return self.he.line()
+    def __init__(self, strategy: FedImagingFedAvg, extension: SecureAggregationExtension) -> None:
+        self.strategy, self.extension = strategy, extension
+
+    def start(self, **kwargs: Any) -> Any:
+        grid = kwargs["grid"]
+        self.extension.grid, self.extension.timeout = grid, kwargs.get("timeout")
+        self.extension.he.fetch_public_context(grid, sorted(int(n) for n in grid.get_node_ids()), kwargs.get("timeout"))
+        return self.strategy.start(**kwargs)
+
+
+def wrap(strategy: FedImagingFedAvg) -> FedImagingFedAvg:
+    """Encrypted aggregation around an unmodified strategy (hooks, screener, driver)."""
+    extension = SecureAggregationExtension(strategy)
+    strategy.extensions.append(extension)
+    strategy.screener = _EncryptedReplyScreener(extension.he)
+    strategy.he = extension.he
+    strategy.driver = _Driver(strategy, extension)
+    return strategy
 
 
 def _decrypted_sum(reply: Message, values: int) -> np.ndarray | None:
@@ -245,13 +283,3 @@ def _decrypted_sum(reply: Message, values: int) -> np.ndarray | None:
     if total.shape != (values,) or not np.issubdtype(total.dtype, np.floating) or not np.isfinite(total).all():
         return None
     return total.astype(np.float64)
-
-
-_VARIANTS: dict[type, type] = {}
-
-
-def secure_variant(cls: type) -> type:
-    """``cls`` with encrypted aggregation in front (one class per strategy, cached)."""
-    if cls not in _VARIANTS:
-        _VARIANTS[cls] = type(f"Secure{cls.__name__}", (SecureAggregationMixin, cls), {})
-    return _VARIANTS[cls]
