@@ -186,8 +186,8 @@ def test_a_failing_site_reports_a_reason_code_and_no_path(failing):
         if site is not None and "refused-reason" in site:
             reasons.append(site["refused-reason"])
             assert site["refused-reason"] in allowed
-    assert refusal_reason("dataset-unreadable") in reasons  # site-1's label
-    assert refusal_reason("dataset-invalid") in reasons  # site-2's dataset.json
+    # site-1's non-gzip label (the loader's checks read it first) and site-2's dataset.json
+    assert set(reasons) == {refusal_reason("dataset-invalid")}
     # what the server stored
     lines = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     excluded = {site: reason for line in lines for site, reason in line["excluded"].items()}
@@ -195,6 +195,22 @@ def test_a_failing_site_reports_a_reason_code_and_no_path(failing):
     for reason in excluded.values():
         assert str(root) not in reason and "/" not in reason and label.name not in reason
     assert lines[0]["sites"]["site-0"]["num-examples"] == 4  # the good site still trained
+
+
+def test_failure_codes_come_from_the_exception_class_only():
+    from nibabel.filebasedimages import ImageFileError
+
+    from app.config_values import ConfigError
+    from app.site_failures import failure_code
+    from data_prep.site_dataset import DatasetError
+
+    secret = "/data/site-a/imagesTr/case-1234_0000.nii.gz"
+    assert failure_code(DatasetError(secret)) == "dataset-invalid"
+    assert failure_code(ImageFileError(secret)) == "dataset-unreadable"
+    assert failure_code(OSError(5, "I/O error", secret)) == "dataset-unreadable"
+    assert failure_code(ConfigError(secret)) == "site-config-invalid"
+    assert failure_code(MemoryError()) == "out-of-memory"
+    assert failure_code(RuntimeError(secret)) == "internal-error"
 
 
 def test_a_failing_site_logs_the_full_error_at_the_site(failing):
