@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app import site_he
 from app.site_failures import SiteDataError, failure_code, refusal_reason
 from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
@@ -234,6 +235,10 @@ def train(msg: Message, context: Context) -> Message:
             "site": _site_record(rt),
         }
     )
+    if rt.run.secure_aggregation == "he" and not baseline:  # the update leaves only encrypted
+        del reply["arrays"]
+        reply["he"] = site_he.train_record(rt.run, rt.site, run_key, shared, state, result.num_examples,
+                                           server_round)
     if result.scaffold_delta is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
@@ -273,6 +278,26 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
     if session is not None:
         metrics["dp-epsilon-spent"] = float(session.spent())
     return RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(rt, **{"refused-reason": reason})})
+
+
+@app.query("he_public")
+@_reported_as_code
+def he_public(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: the study's public CKKS context (never the secret key)."""
+    rt = _runtime(context)
+    reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
+    reply["site"] = _site_record(rt)
+    return Message(content=reply, reply_to=msg)
+
+
+@app.query("he_decrypt")
+@_reported_as_code
+def he_decrypt(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: decrypt the coordinator's ciphertext sum of a round this site trained in."""
+    rt = _runtime(context)
+    reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
+    reply["site"] = _site_record(rt)
+    return Message(content=reply, reply_to=msg)
 
 
 @app.query()

@@ -75,6 +75,8 @@ class RunConfig:
     central_dp_clipping_norm: float = 1.0
     central_dp_delta: float = 1e-5
     central_dp_sites: int = 0
+    secure_aggregation: str = "off"
+    he_public_context: str = ""
     demo: bool = True
     demo_sites: int = 3
     demo_size: str = "standard"
@@ -242,6 +244,7 @@ def _validate(c: RunConfig) -> None:
         (c.central_dp_clipping_norm > 0, "central-dp-clipping-norm", "> 0"),
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
+        (c.secure_aggregation in ("off", "he"), "secure-aggregation", "'off' or 'he'"),
         (c.round_timeout_s > 0, "round-timeout-s", "> 0"),
         (c.torch_threads >= 0, "torch-threads", ">= 0 (0 = all cores)"),
         (all(v > 0 for v in c.spacing), "spacing", "three numbers > 0 (mm)"),
@@ -263,6 +266,11 @@ def _validate(c: RunConfig) -> None:
             raise ConfigError(f"run config '{key}' must be {expected}, got {getattr(c, key.replace('-', '_'))!r}")
     if c.data_path_template and "{site}" not in c.data_path_template and "{partition}" not in c.data_path_template:
         raise ConfigError("run config 'data-path-template' must contain '{site}' or '{partition}'")
+    if c.secure_aggregation != "off":
+        from strategies.secure_aggregation import refusal  # local: tenseal only with secure aggregation
+
+        if reason := refusal(c):
+            raise ConfigError(reason)
 
 
 # StrategySettings fields that are not run-config keys of the same name: derived below.
@@ -298,6 +306,7 @@ class SiteConfig:
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
     is_demo: bool = False
+    he_context: Path | None = None  # node config 'he-context': the site's CKKS key file
 
 
 def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -317,7 +326,8 @@ def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteCon
         data_path = Path(str(node_config["data-path"])).expanduser()
         site_name = str(node_config.get("site-name") or data_path.name)
         state = node_config.get("state-dir") or (data_path / "private" / "state")
-        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), **dp)
+        he_context = Path(str(node_config["he-context"])).expanduser() if node_config.get("he-context") else None
+        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), he_context=he_context, **dp)
     if "partition-id" not in node_config:
         raise ConfigError(
             "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "

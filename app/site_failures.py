@@ -17,6 +17,8 @@ CODES = {
     "site-config-invalid": "the site's node or run configuration is not valid; see the site's log",
     "out-of-memory": "the site ran out of memory; see the site's log",
     "message-invalid": "the server's message did not fit this site's model or contract; see the site's log",
+    "secure-aggregation": "the site could not encrypt or would not decrypt (CKKS key file, or a decryption "
+                          "it must refuse); see the site's log",
     "internal-error": "unexpected error at the site; the traceback is in the site's log",
 }
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy import pki
+from deploy import he_init, pki
 from deploy.config_text import DeployInitError, check_path_option, toml_str
 from deploy.tree import replace_folder
 
@@ -48,6 +48,7 @@ class InitOptions:
     cert_days: int = 825
     connection: str = CONNECTION_NAME
     force: bool = False
+    secure_aggregation: str = "off"
 
 
 def parse_sites(raw: str) -> tuple[str, ...]:
@@ -147,6 +148,8 @@ def _plan(opts: InitOptions) -> dict[Path, tuple[bytes, int]]:
         files[site_dir / "site.env"] = (site_env(opts, site).encode(), PUBLIC)
         files[link / "site-keys" / f"{site}.pub"] = (public, PUBLIC)
     files[root / "README.txt"] = (_readme(opts).encode(), PUBLIC)
+    if opts.secure_aggregation == "he":
+        files.update(he_init.key_files(root, opts.sites, files, PRIVATE, PUBLIC))
     return files
 
 
@@ -178,7 +181,7 @@ def _owned_files(root: Path) -> set[str]:
     for site_dir in (root / "sites").glob("*"):
         if site_dir.is_dir() and not site_dir.is_symlink():
             owned.update(f"sites/{site_dir.name}/{name}" for name in SITE_FILES)
-    return owned
+    return owned | he_init.owned_files(root)
 
 
 def write_deployment(opts: InitOptions) -> list[Path]:
@@ -226,7 +229,8 @@ def write_deployment(opts: InitOptions) -> list[Path]:
 
 
 def _target_paths(opts: InitOptions) -> list[Path]:
-    return _target_paths_for(opts.out_dir, opts.sites)
+    he = he_init.target_paths(opts.out_dir, opts.sites) if opts.secure_aggregation == "he" else []
+    return _target_paths_for(opts.out_dir, opts.sites) + he
 
 
 def _target_paths_for(root: Path, sites: Sequence[str]) -> list[Path]:
@@ -268,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"name of the flwr connection entry (default {CONNECTION_NAME})")
     parser.add_argument("--cert-days", type=int, default=InitOptions.cert_days,
                         help="validity of the SuperLink certificate in days")
+    parser.add_argument("--secure-aggregation", choices=he_init.MODES, default="off",
+                        help="he: also create the CKKS context (full at each site, public at the coordinator)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing deployment folder's files")
     return parser
 
@@ -304,6 +310,7 @@ def options_from_args(args: argparse.Namespace) -> InitOptions:
         port=args.superlink_port, data_path=args.data_path, state_dir=args.state_dir,
         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, dp_max_grad_norm=args.dp_max_grad_norm,
         cert_days=args.cert_days, connection=args.connection_name, force=args.force,
+        secure_aggregation=args.secure_aggregation,
     )
 
 
@@ -323,6 +330,9 @@ def init_main(argv: Sequence[str] | None = None) -> int:
         print(f"  site {site}: {root / 'sites' / site}  (start: deploy/start-site.sh {root / 'sites' / site})")
     print(f"  register the sites: deploy/register-sites.sh {root / 'superlink'}")
     print(f"  keep {root / 'ca' / 'ca.key'} offline")
+    if opts.secure_aggregation == "he":
+        print(f"  encrypted aggregation: flwr run ... --run-config \"secure-aggregation='he' "
+              f"he-public-context='{root / 'superlink' / he_init.PUBLIC_KEY}'\"")
     return 0
 
 

@@ -152,6 +152,7 @@ class LoopbackFederation:
     workdir: Path
     sites: Mapping[str, Path]
     dp_epsilon: float = 0.0
+    secure_aggregation: str = "off"  # "he": deploy init also writes the CKKS keys
     port: int = field(default_factory=free_port)
     extra_env: Mapping[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -181,7 +182,7 @@ class LoopbackFederation:
         opts = InitOptions(
             out_dir=self.deploy_dir, sites=tuple(self.sites), hosts=("127.0.0.1",), port=self.port,
             data_path=str(self.workdir / "data-path-{site}"), state_dir=str(self.workdir / "state" / "{site}"),
-            dp_epsilon=self.dp_epsilon,
+            dp_epsilon=self.dp_epsilon, secure_aggregation=self.secure_aggregation,
         )
         write_deployment(opts)
         # Point each node config at its dataset (deploy init writes one template for all sites).

@@ -14,7 +14,7 @@ aggregation, metrics, run_dir, settings (pure functions and data).
 
 from __future__ import annotations
 
-from . import central_dp
+from . import central_dp, secure_aggregation
 from .base import FedImagingFedAvg
 from .fedbn import FedImagingFedBN
 from .fedopt import FedImagingFedAdam, FedImagingFedYogi
@@ -52,6 +52,8 @@ def build_strategy(
     strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.strategy == "fedbn" else frozenset())
     if settings.central_dp != "off":
         central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds
+    if settings.secure_aggregation == "he":
+        secure_aggregation.wrap(strategy)  # ciphertext sum instead of plaintext updates
     return strategy
 
 

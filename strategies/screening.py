@@ -131,8 +131,8 @@ class ReplyScreener:
 def apply_norm_bound(screened: ScreenResult, sent: Arrays, *, max_update_norm: float, relative_update_norm: float,
                      action: str) -> tuple[dict[str, str], dict[str, float]]:
     """Reject or clip updates above the norm bound; returns (notes on clipped sites, norms)."""
-    if not screened.accepted:
-        return {}, {}
+    if not screened.accepted or not any(u.arrays for u in screened.accepted):
+        return {}, {}  # nothing, or encrypted updates (secure aggregation: each site clips its own)
     norms = validation.compute_norms(sent, {u.site: u.arrays for u in screened.accepted})
     if max_update_norm <= 0 and relative_update_norm <= 0:
         return {}, norms

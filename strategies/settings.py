@@ -65,6 +65,8 @@ class StrategySettings:
     central_dp_clipping_norm: float
     central_dp_delta: float
     central_dp_sites: int
+    secure_aggregation: str
+    he_public_context: str
 
     def round_lr(self, server_round: int) -> float:
         """The sites' learning rate in ``server_round``: ``lr`` decayed over the run (cosine, to 10%).
