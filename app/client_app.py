@@ -34,6 +34,7 @@ from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
 from privacy import DPSettings, DPSiteSession, dataset_id_for
 from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
+from tasks import cache as disk_cache
 from tasks.base import device
 from tasks.data import SiteDataCache
 from tasks.training import make_optimizer
@@ -98,7 +99,11 @@ def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
 
 
 def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
-    return _SITE_DATA.get((str(dataset.root), rt.run.task, rt.task.settings), lambda: rt.task.prepare_site(dataset))
+    def prepare() -> Any:  # preprocessed cases persist under state-dir across processes (tasks.cache)
+        with disk_cache.using(disk_cache.site_cache(rt.site.state_dir, dataset.root, rt.site.disk_cache_mb)):
+            return rt.task.prepare_site(dataset)
+
+    return _SITE_DATA.get((str(dataset.root), rt.run.task, rt.task.settings), prepare)
 
 
 def _round_seed(run: RunConfig, site: str, server_round: int, purpose: str) -> int:

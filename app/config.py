@@ -119,6 +119,7 @@ class RunConfig:
     num_res_units: int = TaskSettings.num_res_units
     ct_window: tuple[float, float] = TaskSettings.ct_window
     cache_max_mb: int = TaskSettings.cache_max_mb
+    disk_cache_mb: int = 20480  # preprocessed cases on disk per site (tasks.cache); 0 = off
     in_channels: int = TaskSettings.in_channels
 
     @property
@@ -248,6 +249,7 @@ def _validate(c: RunConfig) -> None:
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
         (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",
@@ -271,6 +273,7 @@ class SiteConfig:
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
     is_demo: bool = False
+    disk_cache_mb: int = 20480  # node config 'disk-cache-mb' (the site's disk), else the run config's
 
 
 def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -285,6 +288,7 @@ def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteCon
         dp_epsilon=number("dp-epsilon", run.dp_epsilon),
         dp_delta=number("dp-delta", run.dp_delta),
         dp_max_grad_norm=number("dp-max-grad-norm", run.dp_max_grad_norm),
+        disk_cache_mb=max(0, int(number("disk-cache-mb", run.disk_cache_mb))),
     )
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"])).expanduser()

@@ -104,7 +104,16 @@ def cached_site_data(
     """Cache a site's train (and test) cases within ``budget_mb`` (split between the two)."""
     from monai.data import CacheDataset
 
+    from tasks.cache import active, cached_dataset
+
     budget = budget_mb // 2 if test_items else budget_mb
+    disk = active()
+    if disk is not None:  # persistent cache under state-dir (tasks.cache); memory holds what fits the budget
+        def dataset_for(items, transform, cases):
+            return cached_dataset(disk, items, transform, int(len(items) * cache_rate_for(cases, spacing, budget, channels)))
+
+        test = dataset_for(test_items, test_transform, dataset.test) if test_items else None
+        return SiteData(dataset_for(train_items, train_transform, dataset.training), test, len(train_items), modality)
     train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
                          cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
     test = None
