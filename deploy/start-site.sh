@@ -30,6 +30,7 @@ if [[ "${FEDIMAGING_SKIP_PREFLIGHT:-0}" != 1 ]]; then
 fi
 
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower's default: 1 s
 exec flower-supernode \
     --superlink "$SUPERLINK_ADDRESS" \
     --root-certificates "$site_dir/ca.crt" \
