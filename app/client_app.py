@@ -159,6 +159,7 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("Refusing to train: %s", refusal)
             return Message(content=_refusal(rt, f"privacy-budget: {refusal}", session), reply_to=msg)
 
+    received = _evaluate_received(rt, shared, local_state, site_data) if config.get("evaluate-received") else {}
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
@@ -191,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
             "arrays": ArrayRecord({k: state[k] for k in shared.keys()}),
             "metrics": MetricRecord(
                 {"num-examples": result.num_examples, "loss": result.loss, "train-steps": result.steps,
-                 "train-seconds": result.seconds, **result.extra}
+                 "train-seconds": result.seconds, **result.extra, **received}
             ),
             "site": _site_record(rt),
         }
@@ -201,6 +202,19 @@ def train(msg: Message, context: Context) -> Message:
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
         reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
     return Message(content=reply, reply_to=msg)
+
+
+def _evaluate_received(rt: SiteRuntime, shared: ArrayRecord, local: dict | None, site_data: Any) -> dict:
+    """Test metrics of the model this site received, measured before training (``received-*``).
+
+    Saves the evaluate message's process start and data load; the numbers equal what the previous
+    round's evaluate phase reports for this site (same model, same test cases, same local layers).
+    A copy of the model is evaluated, so training (and a DP session's model) is untouched.
+    """
+    model = rt.task.build_model()
+    _load_global(model, shared, local)
+    metrics = rt.task.evaluate(model, site_data, "test")
+    return {f"received-{k}": int(v) if k == "num-examples" else float(v) for k, v in metrics.items()}
 
 
 def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: str, server_round: int,

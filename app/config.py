@@ -91,6 +91,8 @@ class RunConfig:
     relative_update_norm: float = 0.0
     update_norm_action: str = "reject"
     cross_site_every: int = 0
+    evaluate_every: int = 1  # global model's evaluate phase every N rounds and the last (0 = last only)
+    evaluate_received: bool = False  # train replies carry the received model's test metrics (received-*)
     local_baselines: bool = False
     dp_required: bool = False
     dp_epsilon: float = 0.0
@@ -249,6 +251,7 @@ def _validate(c: RunConfig) -> None:
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (c.evaluate_every >= 0, "evaluate-every", ">= 0 (0 = only after the last round)"),
         (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),

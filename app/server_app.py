@@ -57,6 +57,7 @@ def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> Strat
         resume_from=run.resume_from,
         cross_site=run.cross_site,
         cross_site_every=run.cross_site_every,
+        evaluate_every=run.evaluate_every,
         local_baselines=run.local_baselines,
         unseen_site=run.uses_demo and run.cross_site,
         dp_required=run.dp_required,
@@ -140,7 +141,8 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     strategy.run(
         grid,
         ArrayRecord(model.state_dict()),
-        train_config=ConfigRecord({**common, "local-epochs": run.local_epochs, "lr": run.lr}),
+        train_config=ConfigRecord({**common, "local-epochs": run.local_epochs, "lr": run.lr,
+                                   "evaluate-received": run.evaluate_received}),
         evaluate_config=ConfigRecord(common),
     )
     if board is not None:

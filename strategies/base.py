@@ -52,7 +52,7 @@ from .aggregation import (
     weighted_mean,
 )
 from .central_dp import epsilon_spent, new_noise_secret
-from .metrics import WEIGHT_KEY, to_plain, weighted_site_mean
+from .metrics import WEIGHT_KEY, received_model_mean, to_plain, weighted_site_mean
 from .run_dir import RunDirectory, load_server_state
 from .settings import StrategySettings
 
@@ -252,6 +252,7 @@ class FedImagingFedAvg(FedAvg):
         aggregate = weighted_site_mean(
             {u.site: screened.sites[u.site] for u in screened.accepted}
         )
+        aggregate.update(received_model_mean({u.site: screened.sites[u.site] for u in screened.accepted}))
         for site, norm in norms.items():
             screened.sites.setdefault(site, {})["update-norm"] = norm
         for site, reason in screened.excluded.items():
@@ -279,6 +280,10 @@ class FedImagingFedAvg(FedAvg):
         self._phase_start["evaluate"] = time.monotonic()
         self._pending_evaluate = None
         self.global_arrays = to_numpy(arrays)
+        every = self.settings.evaluate_every
+        if rnd < self.num_rounds and (every == 0 or rnd % every):
+            self._evaluate_sent = 0  # evaluate-every: no evaluate messages (no site process) this round
+            return []
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, train=False)
         self._evaluate_sent = len(node_ids)
         self._awaiting["evaluate"] = list(node_ids)

@@ -68,6 +68,7 @@ class StrategySettings:
     resume_from: str = ""
     cross_site: bool = True
     cross_site_every: int = 0
+    evaluate_every: int = 1  # the global model's evaluate phase every N rounds and the last (0: last only)
     local_baselines: bool = False
     unseen_site: bool = False
     dp_required: bool = False
@@ -87,7 +88,7 @@ class StrategySettings:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{_key(field)}={value} must be between 0 and 1")
         for field in ("num_rounds", "min_available_sites", "min_train_sites",
-                      "min_evaluate_sites", "local_epochs", "cross_site_every"):
+                      "min_evaluate_sites", "local_epochs", "cross_site_every", "evaluate_every"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{_key(field)}={getattr(self, field)} must be >= 0")
         for field in ("lr", "proximal_mu", "server_lr", "tau", "max_update_norm",
