@@ -267,6 +267,8 @@ class FedImagingFedAvg(FedAvg):
         }
         if clipped:
             line["clipped"] = clipped
+        if any(k.startswith("received-") for m in screened.sites.values() for k in m):
+            line["received-model"] = f"received-* are test metrics of the global model after round {rnd - 1}"
         if self.settings.central_dp != "off":
             line["central-dp"] = self._central_dp_release(arrays_out is not None)
         self.run_dir.append_metrics(line)

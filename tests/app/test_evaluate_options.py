@@ -62,3 +62,8 @@ def test_received_metrics_equal_the_previous_rounds_evaluation(study):
     # the aggregate is weighted by test cases, like the evaluate phase's
     assert train[3]["aggregate"]["received-dice"] == pytest.approx(evaluate[2]["aggregate"]["dice"], rel=1e-5)
     assert all("received-dice" in m for m in train[1]["sites"].values())  # round 1: the initial model
+    assert train[3]["received-model"].endswith("after round 2")  # metrics.jsonl says what they measure
+    from app.report import _evaluation_schedule
+
+    text = " ".join(_evaluation_schedule({"evaluate-every": 2, "evaluate-received": True}))
+    assert "every 2 rounds" in text and "previous round" in text
