@@ -8,12 +8,14 @@ full at the site and reported to the server only as a generic reason.
 
 from __future__ import annotations
 
+from app import timings  # first: marks when the ClientApp's imports begin (FEDIMAGING_TIMINGS)
+
 import dataclasses
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import (
@@ -29,9 +31,7 @@ from flwr.clientapp import ClientApp
 from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
 from app.site_state import SiteStateStore
-from data_prep.demo import UNSEEN_SITE, ensure_demo_site
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
-from privacy import DPSettings, DPSiteSession, dataset_id_for
 from strategies.central_dp import site_clipping_mod
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks import cache as disk_cache
@@ -39,6 +39,10 @@ from tasks.base import device
 from tasks.data import SiteDataCache
 from tasks.training import make_optimizer
 
+if TYPE_CHECKING:  # imported where used: Opacus (privacy) and the demo generator cost seconds per process
+    from privacy import DPSiteSession
+
+timings.imports_done()
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()
 
@@ -82,6 +86,8 @@ def _runtime(context: Context) -> SiteRuntime:
 def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
     """The site's dataset (or, in simulation, the demo's evaluation-only unseen site)."""
     try:
+        if rt.site.is_demo or which == "unseen":
+            from data_prep.demo import UNSEEN_SITE, ensure_demo_site  # simulation only
         if which == "unseen":
             if not rt.site.is_demo:
                 raise SiteDataError("this site has no unseen evaluation dataset")
@@ -130,14 +136,18 @@ def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
 @app.train(mods=[site_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
-    rt = _runtime(context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
+    timing = timings.MessageTiming("train", server_round)
+    with timing.section("setup"):
+        rt = _runtime(context)
     run_key = str(config.get("run-key", f"run-{context.run_id}"))
     store = SiteStateStore(rt.site.state_dir, run_key)
     baseline = bool(config.get("local-baseline", False))
-    dataset = _dataset(rt)
-    site_data = _site_data(rt, dataset)
+    with timing.section("data"):
+        dataset = _dataset(rt)
+        site_data = _site_data(rt, dataset)
+    before = _cache_counters(site_data)
 
     if baseline and rt.site.dp_epsilon > 0:
         # A local-only model trained without DP-SGD would leak what the site's budget protects.
@@ -159,7 +169,10 @@ def train(msg: Message, context: Context) -> Message:
             log.warning("Refusing to train: %s", refusal)
             return Message(content=_refusal(rt, f"privacy-budget: {refusal}", session), reply_to=msg)
 
-    received = _evaluate_received(rt, shared, local_state, site_data) if config.get("evaluate-received") else {}
+    received = {}
+    if config.get("evaluate-received"):
+        with timing.section("evaluate"):
+            received = _evaluate_received(rt, shared, local_state, site_data)
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
@@ -177,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
         options.scaffold_site = store.load_before("scaffold", server_round)
 
     try:
-        result = rt.task.train(model, site_data, options)
+        with timing.section("train"):
+            result = rt.task.train(model, site_data, options)
     except BaseException:
         if session is not None:
             session.end_round()  # settle the steps actually taken; the next round can begin
@@ -201,7 +215,21 @@ def train(msg: Message, context: Context) -> Message:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
         reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
+    timing.count(**_cache_delta(before, site_data))
+    timing.emit()
     return Message(content=reply, reply_to=msg)
+
+
+def _cache_counters(site_data: Any) -> tuple[int, int, float]:
+    cache = getattr(getattr(site_data, "train", None), "cache", None)
+    return (cache.hits, cache.misses, cache.seconds) if cache is not None else (0, 0, 0.0)
+
+
+def _cache_delta(before: tuple[int, int, float], site_data: Any) -> dict[str, float]:
+    """This message's disk-cache hits, misses and seconds (the counters live for the process)."""
+    after = _cache_counters(site_data)
+    return {"cache_hits": after[0] - before[0], "cache_misses": after[1] - before[1],
+            "cache_io_s": round(after[2] - before[2], 3)}
 
 
 def _evaluate_received(rt: SiteRuntime, shared: ArrayRecord, local: dict | None, site_data: Any) -> dict:
@@ -224,6 +252,8 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
     # different sites' state (benchmarks, tests) must not share a session and its spent budget.
     key = (run_key, rt.site.site_name, str(rt.site.state_dir), str(dataset.root))
     if key not in _DP_SESSIONS:
+        from privacy import DPSettings, DPSiteSession, dataset_id_for  # Opacus: only DP sites need it
+
         node = {"dp-epsilon": rt.site.dp_epsilon, "dp-max-grad-norm": rt.site.dp_max_grad_norm}
         if rt.site.dp_delta > 0:
             node["dp-delta"] = rt.site.dp_delta
@@ -264,12 +294,16 @@ def query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
-    rt = _runtime(context)
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
+    timing = timings.MessageTiming("evaluate", server_round)
+    with timing.section("setup"):
+        rt = _runtime(context)
     which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
-    dataset = _dataset(rt, which)
-    site_data = _site_data(rt, dataset)
+    with timing.section("data"):
+        dataset = _dataset(rt, which)
+        site_data = _site_data(rt, dataset)
+    before = _cache_counters(site_data)
     model = rt.task.build_model()
     shared = msg.content["arrays"]
     local_names = set(model.state_dict()) - set(shared.keys())
@@ -277,7 +311,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     # FedBN: a site evaluates with its own normalisation layers (latest saved).
     local_state = SiteStateStore(rt.site.state_dir, run_key).load_before("fedbn", server_round + 1) if local_names else None
     _load_global(model, shared, local_state)
-    metrics = rt.task.evaluate(model, site_data, "test")
+    with timing.section("evaluate"):
+        metrics = rt.task.evaluate(model, site_data, "test")
+    timing.count(**_cache_delta(before, site_data))
+    timing.emit()
     clean = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
     reply = RecordDict(
         {

@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ class PreprocessedCache:
         self.protected: set[str] = set()  # keys the datasets of this process use
         self.hits = 0
         self.misses = 0
+        self.seconds = 0.0  # spent reading, verifying or building entries (benchmark breakdown)
 
     def entry(self, key: str) -> Path:
         return self.root / f"{key}.pt"
@@ -288,6 +290,7 @@ def _persistent_dataset_class():
         def _transform(self, index: int):
             prefix = self._memory.get(index)
             if prefix is None:
+                began = time.perf_counter()
                 prefix = self.cache.load(self.keys[index])
                 if prefix is None:
                     self.cache.misses += 1
@@ -297,6 +300,7 @@ def _persistent_dataset_class():
                     self.cache.hits += 1
                 if len(self._memory) < self.memory_items:
                     self._memory[index] = prefix
+                self.cache.seconds += time.perf_counter() - began
             if self._has_random:
                 return self._post_transform(copy.deepcopy(prefix))
             return prefix
