@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("app.report", "report_main", "(re)build a run's report.md and plots"),
     "export": ("app.export_bundle", "export_main", "export a run's final model as a MONAI bundle"),
     "deploy": ("app.cli", "deploy_main", "deploy init DIR --sites a,b,c: CA, certificates, site keys and configs"),
-    "privacy": ("app.cli", "privacy_main", "privacy show DATA_PATH: a site's privacy ledger"),
+    "privacy": ("app.cli", "privacy_main", "privacy show|migrate: a site's privacy ledger"),
 }
 
 
@@ -79,13 +79,14 @@ def _nested(prog: str, actions: dict[str, tuple[str, str]], argv: list[str] | No
 
 
 def deploy_main(argv: list[str] | None = None) -> int:
-    """``fedimaging deploy init DIR --sites a,b,c``."""
-    return _nested("deploy", {"init": ("deploy.init", "init_main")}, argv)
+    """``fedimaging deploy init DIR --sites a,b,c`` | ``register DIR/superlink`` | ``sites DIR/superlink``."""
+    return _nested("deploy", {"init": ("deploy.init", "init_main"), "register": ("deploy.sites", "register_main"),
+                              "sites": ("deploy.sites", "list_main")}, argv)
 
 
 def privacy_main(argv: list[str] | None = None) -> int:
-    """``fedimaging privacy show DATA_PATH``."""
-    return _nested("privacy", {"show": ("privacy.cli", "show_main")}, argv)
+    """``fedimaging privacy show [DATA_PATH] [--state-dir DIR | --node-config FILE]``, ``privacy migrate``."""
+    return _nested("privacy", {"show": ("privacy.cli", "show_main"), "migrate": ("privacy.cli", "migrate_main")}, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,7 +156,18 @@ def train(msg: Message, context: Context) -> Message:
     epochs = int(config.get("local-epochs", rt.run.local_epochs))
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
-        session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs)
+        from privacy import LedgerError, study_share  # Opacus: only DP sites import it
+
+        try:
+            study_epsilon = float(config.get("dp-study-epsilon", rt.run.dp_study_epsilon))
+            study_share(study_epsilon, rt.site.dp_epsilon)
+        except (TypeError, ValueError):
+            return Message(content=_refusal(rt, "privacy-bad-study-epsilon"), reply_to=msg)
+        try:
+            session = _dp_session(rt, dataset, site_data, run_key, server_round, epochs, study_epsilon)
+        except LedgerError as exc:  # the budget spent is unknown: never train, never send the path
+            log.error("Refusing to train: %s", exc)
+            return Message(content=_refusal(rt, "privacy-ledger-error"), reply_to=msg)
         model = session.module
     else:
         model = rt.task.build_model()
@@ -164,10 +175,14 @@ def train(msg: Message, context: Context) -> Message:
     local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
     _load_global(model, shared, local_state)
     if session is not None:
-        refusal = session.begin_round(epochs)
-        if refusal is not None:
-            log.warning("Refusing to train: %s", refusal)
-            return Message(content=_refusal(rt, f"privacy-budget: {refusal}", session), reply_to=msg)
+        try:
+            refusal = session.begin_round(epochs)
+        except LedgerError as exc:
+            log.error("Refusing to train: %s", exc)
+            return Message(content=_refusal(rt, "privacy-ledger-error"), reply_to=msg)
+        if refusal is not None:  # a reason code (privacy.REFUSAL_CODES); the numbers stay in the log
+            log.warning("Refusing to train (%s): %s", refusal, session.refusal_detail)
+            return Message(content=_refusal(rt, refusal, session), reply_to=msg)
 
     received = {}
     if config.get("evaluate-received"):
@@ -246,13 +261,13 @@ def _evaluate_received(rt: SiteRuntime, shared: ArrayRecord, local: dict | None,
 
 
 def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: str, server_round: int,
-                epochs: int) -> DPSiteSession:
+                epochs: int, study_epsilon: float) -> DPSiteSession:
     """The site's DP-SGD session for this run (created once; the ledger lives in state-dir)."""
     # Keyed by where the ledger lives too: two runs in one process with equal run-dir names but
     # different sites' state (benchmarks, tests) must not share a session and its spent budget.
     key = (run_key, rt.site.site_name, str(rt.site.state_dir), str(dataset.root))
     if key not in _DP_SESSIONS:
-        from privacy import DPSettings, DPSiteSession, dataset_id_for  # Opacus: only DP sites need it
+        from privacy import DPSettings, DPSiteSession, case_units  # Opacus: only DP sites need it
 
         node = {"dp-epsilon": rt.site.dp_epsilon, "dp-max-grad-norm": rt.site.dp_max_grad_norm}
         if rt.site.dp_delta > 0:
@@ -265,7 +280,8 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
         optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
             model=model, optimizer=optimizer, train_loader=rt.task.dp_loader(site_data), settings=settings,
-            state_dir=rt.site.state_dir, dataset_id=dataset_id_for(dataset.root), run_id=run_key,
+            state_dir=rt.site.state_dir, cases=case_units(dataset.root, [c.name for c in dataset.training]),
+            data_path=dataset.root, run_id=run_key, study_epsilon=study_epsilon,
             rounds=max(1, rt.run.num_server_rounds - server_round + 1), local_epochs=epochs,
             seed=_round_seed(rt.run, rt.site.site_name, server_round, "dp"),
         )

@@ -96,6 +96,7 @@ class RunConfig:
     local_baselines: bool = False
     dp_required: bool = False
     dp_epsilon: float = 0.0
+    dp_study_epsilon: float = 0.0
     dp_delta: float = 0.0
     dp_max_grad_norm: float = 1.0
     central_dp: str = "off"
@@ -243,6 +244,7 @@ def _validate(c: RunConfig) -> None:
         (c.demo_size in ("standard", "small"), "demo-size", "'standard' or 'small'"),
         (1 <= c.demo_sites <= 4, "demo-sites", "between 1 and 4"),
         (c.dp_epsilon >= 0, "dp-epsilon", ">= 0 (0 = no DP)"),
+        (0 <= c.dp_study_epsilon < math.inf, "dp-study-epsilon", "a finite number >= 0 (0 = a quarter of each site's budget)"),
         (c.central_dp in ("off", "server-side", "client-side"), "central-dp", "'off', 'server-side' or 'client-side'"),
         (c.central_dp == "off" or c.strategy in ("fedavg", "fedprox"), "central-dp",
          "'off' unless strategy is fedavg or fedprox (its noise is calibrated for a plain mean)"),

@@ -79,6 +79,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PredictError(f"cannot read model file {path} as weights-only tensors: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PredictError(f"{path} is not a dict of tensors (a state dict saved by fedimaging)")
+    damaged = [str(k) for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if damaged:  # a NaN weight makes every voxel background: refuse rather than write that mask
+        raise PredictError(f"model file {path} holds NaN or infinite weights in {len(damaged)} tensor(s), "
+                           f"e.g. {damaged[0]!r}; use another checkpoint (e.g. checkpoints/best.pt)")
     return {str(k): v for k, v in state.items()}
 
 
@@ -187,6 +191,16 @@ def case_name(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
+def check_finite_image(data: np.ndarray, where: Path) -> None:
+    """Refuse an image with NaN or infinite voxels: the model would see garbage and say 'background'."""
+    if data.dtype.kind not in "fc":
+        return
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise PredictError(f"{where}: {bad} of {data.size} voxels are NaN or infinite; predict refuses "
+                           "such an image (a damaged export? convert it again)")
+
+
 def _check_3d(shape: tuple[int, ...], where: Path) -> tuple[int, int, int]:
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -221,6 +235,7 @@ def dicom_series_to_nifti(folder: Path, out: Path) -> tuple[np.ndarray, tuple[in
     except (GeometryError, PixelError) as exc:
         raise PredictError(f"{folder}: cannot convert the series: {getattr(exc, 'reason', exc)}") from None
     shape = _check_3d(data.shape, folder)
+    check_finite_image(data, folder)
     write_nifti(out, data.reshape(shape), plan.affine)
     return np.asarray(nib.load(str(out)).affine), shape, group.modality
 
@@ -247,6 +262,11 @@ def open_case(path: Path, workdir: Path, in_channels: int = 1) -> CaseInput:
     except Exception as exc:  # noqa: BLE001 - nibabel raises several types
         raise PredictError(f"cannot read NIfTI {path}: {exc}") from None
     shape = _check_3d(tuple(image.shape), path)
+    try:
+        voxels = np.asanyarray(image.dataobj)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails while read
+        raise PredictError(f"cannot read the voxels of NIfTI {path}: {type(exc).__name__}: {exc}") from None
+    check_finite_image(voxels, path)
     return CaseInput(case_name(path), path, np.asarray(image.affine), shape, None)
 
 
@@ -303,6 +323,9 @@ def predict_segmentation(loaded: LoadedModel, case: CaseInput, modality: str = "
     pre = segmentation_preprocessing(loaded, modality)
     data = pre({"image": case.image_item})
     logits = sliding_window_logits(loaded, data["image"][None])
+    if not bool(torch.isfinite(logits).all()):  # e.g. NaN running statistics in a FedBN site file
+        raise PredictError(f"{case.name}: the model produced NaN or infinite scores (damaged weights in "
+                           f"{loaded.site_state or loaded.model_path}?); no mask written")
     label = logits[0].argmax(dim=0, keepdim=True).to(torch.uint8).cpu()
     data["pred"] = label
     inverted = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True)(data)
@@ -357,6 +380,16 @@ def _output_for(out: Path, case: CaseInput, task: str, single: bool) -> Path:
     if single and out.name.endswith(suffixes):
         return out
     return out / (f"{case.name}_pred.json" if task == "classification" else f"{case.name}_seg.nii.gz")
+
+
+def refuse_input_as_output(target: Path, inputs: list[Path]) -> None:
+    """An output may never replace an input file or land inside an input DICOM folder (even with --force)."""
+    resolved = target.resolve()
+    for path in inputs:
+        source = path.expanduser().resolve()
+        if resolved == source or (source.is_dir() and source in resolved.parents):
+            raise PredictError(f"output {target} would overwrite or write into the input {path}; "
+                               "choose another --output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +449,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             try:
                 case = open_case(path.expanduser(), Path(tmp), loaded.run.in_channels)
                 target = _output_for(args.output, case, task, single)
+                refuse_input_as_output(target, args.input)
                 if target in written:
                     raise PredictError(f"{path}: another input already wrote {target} (same case name)")
                 if target.exists() and not args.force:

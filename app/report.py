@@ -29,7 +29,7 @@ from fedimaging.io import atomic_write_text
 REPORT_NAME = "report.md"
 PLOT_PREFIX = "report-"
 MAIN_METRICS = ("dice", "hd95", "auc", "accuracy", "balanced-accuracy")
-NOT_PLOTTED = {"num-examples", "train-steps", "train-seconds", "dp-epsilon-spent"}
+NOT_PLOTTED = {"num-examples", "train-steps", "train-seconds", "dp-epsilon-spent", "dp-study-epsilon"}
 MAX_PANELS = 6
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

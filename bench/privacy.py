@@ -122,7 +122,9 @@ def run_arm(study: DemoStudy, out: Path, epsilon: float | None) -> dict[str, Any
         # fixes it from the seed so that a rerun gives the same numbers.
         secret = hashlib.sha256(f"bench.privacy:{study.run.seed}:{site}".encode()).digest()
         atomic_write_bytes(state_root / site / NOISE_SECRET, secret, mode=0o600)
-    fed = federated_arm(study, run_dir, strategy="fedavg", **{"dp-epsilon": epsilon or 0.0, "state-root": str(state_root)})
+    # Each arm is one study on fresh site state, so it may spend the sites' whole budget.
+    keys = {"dp-epsilon": epsilon or 0.0, "dp-study-epsilon": epsilon or 0.0, "state-root": str(state_root)}
+    fed = federated_arm(study, run_dir, strategy="fedavg", **keys)
     records = train_records(run_dir)
     excluded = {site: reason for r in records for site, reason in (r.get("excluded") or {}).items()}
     return {
@@ -224,7 +226,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raw.update(QUICK)
     raw["home"] = str(args.out / "home")
     overrides = parse_overrides(args.run_config)
-    for key in ("dp-epsilon", "state-root", "run-dir", "resume-from", "strategy"):
+    for key in ("dp-epsilon", "dp-study-epsilon", "state-root", "run-dir", "resume-from", "strategy"):
         if key in overrides:
             raise ValueError(f"--run-config may not set {key!r}: the benchmark sets it for every arm")
     raw.update(overrides)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.engine import make_dp_compatible
 from privacy.session import DPSettings, DPSiteSession
+from privacy.units import unit_key
 
 MODES = ("nodp", "functorch", "hooks", "ew", "ghost")
 
@@ -95,7 +96,8 @@ def make_runner(mode: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, s
         return run
     settings = DPSettings(epsilon=1e6, delta=1e-5, grad_sample_mode=mode)
     session = DPSiteSession(model=model, optimizer=opt, train_loader=loader, settings=settings,
-                            state_dir=state_dir, dataset_id=f"bench-{tag}-{mode}", run_id="bench",
+                            state_dir=state_dir, run_id="bench",
+                            cases=[(unit_key("case", f"bench-{tag}-{mode}-{i}"),) for i in range(len(loader.dataset))],
                             rounds=1, local_epochs=10_000, seed=0, noise_seed=0)
     if session.begin_round() is not None:
         raise RuntimeError("benchmark session refused")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_prep.limits import check_resample, check_voxels
 from data_prep.scan import FrameRecord
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -198,6 +199,7 @@ def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOp
     positions = np.array([ipps[c[0]] for c in clusters])
     offsets = np.array([offsets[c[0]] for c in clusters])
     nz = len(clusters)
+    check_voxels((first.cols, first.rows, nz, nt))
 
     if nz == 1:
         dz = first.spacing_between or first.slice_thickness or 1.0
@@ -218,6 +220,7 @@ def plan_volume(frames: list[FrameRecord], options: GeometryOptions = GeometryOp
         if options.uneven != "resample":
             raise GeometryError(problem, f"slice gaps {np.round(diffs, 3).tolist()} mm")
         n_new = int(np.floor(offsets[-1] / dz + 0.5)) + 1
+        check_resample(n_new, nz, first.rows, first.cols, nt)  # before allocating n_new slices
         plan.resample_to = np.arange(n_new) * dz
         plan.warnings.append(f"{problem}_resampled")
 

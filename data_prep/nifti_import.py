@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import deid
+from data_prep.dataset_checks import KNOWN_MODALITIES, is_known_modality
 from data_prep.fingerprint import build_fingerprint, case_stats
 from data_prep.labels import LabelError, conform_label
 from data_prep.nifti_deid import ImageError, channels_of, clean_sidecar, read_image, sidecar_for
 from data_prep.nifti_sources import Source, SourceCase, SourceError, read_source
 from data_prep.nifti_writer import write_nifti
+from data_prep import prep_folders
 from data_prep.prep import (
-    EXIT_OK, EXIT_REJECTED, MAPPING_FILE, STATE_FILE, PrepResult, UsageError, _check_folders, _executor,
-    _orientation_codes, _remove_stale,
+    EXIT_OK, EXIT_REJECTED, MAPPING_FILE, STATE_FILE, PrepResult, UsageError, _executor, _orientation_codes,
 )
 from data_prep.site_dataset import AFFINE_TOLERANCE_MM, FILE_ENDING, write_dataset_json
 from fedimaging.io import atomic_write_json
@@ -175,12 +176,17 @@ def import_dataset(input_path, output_dir, fmt: str = "auto", labels=None, modal
     if not 0.0 <= options.test_fraction < 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     input_path, out = Path(input_path).expanduser(), Path(output_dir).expanduser()
-    _check_folders(input_path, out, force)
+    _check_input_output(input_path, out)
+    owned_before = prep_folders.owned_files(out, IMPORTER_VERSION)  # refuses a folder that is not ours
     try:
         source = read_source(input_path, fmt, Path(labels).expanduser() if labels else None, options.modality)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
+    unknown = [c for c in source.channel_names if not is_known_modality(c)]
+    if unknown:  # the site dataset loader would refuse them at every site: say so before writing
+        raise UsageError(f"{input_path}: channel name(s) {unknown} are not modalities fedimaging can normalise "
+                         f"(known: {', '.join(KNOWN_MODALITIES)}); set --modality or rename the channels")
+    prep_folders.create_output(out)
     out = out.resolve()
     private, secret = deid.private_dir(out), deid.load_or_create_secret(out)
     state = _load_state(private, force)
@@ -225,7 +231,18 @@ def import_dataset(input_path, output_dir, fmt: str = "auto", labels=None, modal
     new_state = {"version": IMPORTER_VERSION, "cases": {
         k: {"hash": hashes[k], "result": {x: y for x, y in r.items() if x != "unchanged"}}
         for k, r in results.items() if k in hashes}}
-    return _finish(input_path.resolve(), out, private, source, results, modality, options, new_state, start)
+    return _finish(input_path.resolve(), out, private, source, results, modality, options, new_state, start,
+                   owned_before)
+
+
+def _check_input_output(input_path: Path, out: Path) -> None:
+    if not input_path.exists():
+        raise UsageError(f"input {input_path} does not exist")
+    inp, dst = input_path.resolve(), out.resolve()
+    if inp == dst or inp in dst.parents or dst in inp.parents:
+        raise UsageError(f"output folder {dst} must not be inside (or contain) the input {inp}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder")
 
 
 def _outputs_exist(out: Path, result: dict) -> bool:
@@ -236,7 +253,7 @@ def _outputs_exist(out: Path, result: dict) -> bool:
 
 
 def _finish(input_root: Path, out: Path, private: Path, source: Source, results: dict, modality: str,
-            options: ImportOptions, state: dict, start: float) -> PrepResult:
+            options: ImportOptions, state: dict, start: float, owned_before: set[str]) -> PrepResult:
     entries, training, test, cases, mapping, keep, label_values = [], [], [], [], {}, set(), set()
     by_key = {f"{source.format}:{c.key}": c for c in source.cases}
     for index, (key, res) in enumerate(sorted(results.items(), key=lambda kv: kv[1]["case"]), start=1):
@@ -259,7 +276,16 @@ def _finish(input_root: Path, out: Path, private: Path, source: Source, results:
         keep.update([*res["images"], res["sidecar"], *([res["label"]] if res["label"] else [])])
         label_values.update(int(v) for v in res["stats"][0].get("label_voxels", {}))
         cases.append(res)
-    _remove_stale(out, keep)
+    report = import_report(entries, source, options, time.perf_counter() - start)
+    if not cases:  # never empty an existing dataset; a new output gets the report, no dataset.json
+        if not owned_before:
+            prep_folders.write_owner(out, set(), IMPORTER_VERSION)
+            atomic_write_json(out / "prep_report.json", report)
+        return PrepResult(EXIT_REJECTED, report, out, nothing_converted=True,
+                          table=summary_table(report, mapping) + f"\nno case of {input_root} could be imported")
+    stale = prep_folders.stale_case_files(owned_before, keep)
+    # owner list first, so a crash part way never orphans a file from it; stale files go last
+    prep_folders.write_owner(out, owned_before | keep, IMPORTER_VERSION)
     if source.labels is not None:
         labels = dict(sorted(source.labels.items(), key=lambda kv: kv[1]))
     else:
@@ -278,10 +304,11 @@ def _finish(input_root: Path, out: Path, private: Path, source: Source, results:
                                      "CT" if is_ct(name) else "MR", counts)["statistics"] or {}).get("intensity")
             for i, name in enumerate(source.channel_names)}
     atomic_write_json(out / "fingerprint.json", fingerprint)
-    report = import_report(entries, source, options, time.perf_counter() - start)
     atomic_write_json(out / "prep_report.json", report)
     atomic_write_json(private / MAPPING_FILE, mapping, mode=0o600)
     atomic_write_json(private / STATE_FILE, state, mode=0o600)
+    prep_folders.remove_files(out, stale)
+    prep_folders.write_owner(out, keep, IMPORTER_VERSION)
     rejected = report["summary"]["rejected"]
     return PrepResult(EXIT_REJECTED if rejected else EXIT_OK, report, out, table=summary_table(report, mapping),
                       dataset=json.loads((out / "dataset.json").read_text()))

@@ -25,12 +25,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data_prep import deid
+from data_prep import deid, prep_folders
 from data_prep.fingerprint import build_fingerprint, case_stats
 from data_prep.geometry import GeometryError, GeometryOptions, plan_volume
 from data_prep.labels import LabelError, conform_label, held_out_series, match_labels
+from data_prep.limits import LimitExceeded
 from data_prep.nifti_writer import write_nifti
 from data_prep.pixels import PixelError, read_volume
+from data_prep.prep_folders import MAPPING_FILE, STATE_FILE, UsageError
 from data_prep.report import build_report, summary_table
 from data_prep.scan import scan_tree
 from data_prep.series import SeriesGroup, group_series
@@ -38,14 +40,8 @@ from data_prep.site_dataset import FILE_ENDING, write_dataset_json
 from fedimaging.io import atomic_write_json
 
 CONVERTER_VERSION = "fedimaging-prep-1"
-STATE_FILE = "state.json"
-MAPPING_FILE = "mapping.json"
-OUTPUT_DIRS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "sidecars")
 EXIT_OK, EXIT_USAGE, EXIT_REJECTED = 0, 2, 3
-
-
-class UsageError(ValueError):
-    """Bad arguments or folders; the CLI turns it into exit code 2."""
+__all__ = ["UsageError", "prepare_site", "PrepResult", "CONVERTER_VERSION"]
 
 
 @dataclass
@@ -77,9 +73,11 @@ class PrepResult:
     output_dir: Path
     table: str = ""
     dataset: dict = field(default_factory=dict)
+    nothing_converted: bool = False  # then no dataset.json was written or changed
 
 
-def _check_folders(input_dir: Path, output_dir: Path, force: bool) -> None:
+def _check_folders(input_dir: Path, output_dir: Path) -> set[str]:
+    """Refuse bad folder pairs; return the files prep wrote earlier into ``output_dir``."""
     if not input_dir.is_dir():
         raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
     inp, out = input_dir.resolve(), output_dir.resolve()
@@ -87,11 +85,7 @@ def _check_folders(input_dir: Path, output_dir: Path, force: bool) -> None:
         raise UsageError(f"output folder {out} must not be inside (or contain) the input folder {inp}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / deid.PRIVATE_DIR / STATE_FILE).is_file() or (out / "dataset.json").is_file()
-        if not ours and not force:
-            raise UsageError(f"output folder {out} is not empty and is not a prep output; "
-                             "choose an empty folder or pass --force")
+    return prep_folders.owned_files(out, CONVERTER_VERSION)
 
 
 def _files_hash(group: SeriesGroup, label_path: Path | None, options: PrepOptions,
@@ -119,7 +113,7 @@ def convert_job(job: dict) -> dict:
         plan = plan_volume(job["frames"], GeometryOptions(**job["geometry"]))
         result["warnings"] = list(plan.warnings)
         data = read_volume(plan)
-    except GeometryError as exc:
+    except (GeometryError, LimitExceeded) as exc:
         result.update(reason=exc.reason, detail=exc.detail)
         return result
     except PixelError as exc:
@@ -142,16 +136,19 @@ def convert_job(job: dict) -> dict:
     split = job["geometry"]["split_4d"] and data.ndim == 4
     volumes = [data[..., t] for t in range(data.shape[3])] if split else [data]
     first = job["frames"][0]
+    written: list[Path] = []
     try:
         for t, vol in enumerate(volumes):
             case = job["case"] + (f"-t{t:03d}" if split else "")
             labelled = label_data is not None
             trains = labelled and not job.get("held_out")
             img_rel = f"{'imagesTr' if trains else 'imagesTs'}/{case}_0000{FILE_ENDING}"
+            written.append(out / img_rel)
             write_nifti(out / img_rel, vol, plan.affine)
             lab_rel = None
             if labelled:
                 lab_rel = f"{'labelsTr' if trains else 'labelsTs'}/{case}{FILE_ENDING}"
+                written.append(out / lab_rel)
                 write_nifti(out / lab_rel, label_data, plan.affine, label=True)
             side_rel = f"sidecars/{case}.json"
             sidecar = {
@@ -170,6 +167,7 @@ def convert_job(job: dict) -> dict:
                 "acquisition": deid.acquisition_sidecar(first.params),
                 "converter": CONVERTER_VERSION,
             }
+            written.append(out / side_rel)
             atomic_write_json(out / side_rel, sidecar)
             result["cases"].append({
                 "case": case, "image": img_rel, "label": lab_rel, "sidecar": side_rel,
@@ -178,7 +176,9 @@ def convert_job(job: dict) -> dict:
                 "manufacturer": first.params.get("Manufacturer"),
                 "stats": case_stats(vol, first.modality, label_data),
             })
-    except Exception as exc:
+    except Exception as exc:  # nothing half-written: this series' files go (all are prep's own)
+        for path in written:
+            path.unlink(missing_ok=True)
         result.update(reason=f"write_error:{type(exc).__name__}", cases=[])
         return result
     result["status"] = "converted"
@@ -220,17 +220,8 @@ def _load_state(private: Path, force: bool) -> dict:
 
 
 def _outputs_exist(out: Path, result: dict) -> bool:
-    return all((out / c[k]).is_file() for c in result.get("cases", []) for k in ("image", "sidecar"))
-
-
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    for sub in OUTPUT_DIRS:
-        folder = out / sub
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.is_file() and p.name.startswith("case-") and f"{sub}/{p.name}" not in keep:
-                p.unlink()
+    return all((out / c[k]).is_file() for c in result.get("cases", [])
+               for k in ("image", "label", "sidecar") if c.get(k))
 
 
 def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bool = False,
@@ -248,7 +239,7 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
     if uneven not in ("reject", "resample"):
         raise UsageError(f"uneven must be 'reject' or 'resample', got {uneven!r}")
     input_dir, out = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    _check_folders(input_dir, out, force)
+    owned_before = _check_folders(input_dir, out)
     input_dir = input_dir.resolve()
     if labels is not None and not Path(labels).is_dir():
         raise UsageError(f"labels folder {labels} does not exist")
@@ -256,11 +247,6 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
         held_out = held_out_series(labels) if labels is not None else set()
     except ValueError as exc:  # the message names the file and the bad value
         raise UsageError(str(exc)) from exc
-    out.mkdir(parents=True, exist_ok=True)
-    out = out.resolve()
-    private = deid.private_dir(out)
-    secret = deid.load_or_create_secret(out)
-    state = _load_state(private, force)
 
     executor = _executor(options.workers)
     try:
@@ -268,6 +254,17 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
         with _progress(files_total, "scan", progress) as bar:
             scan = scan_tree(input_dir, executor=executor, progress=bar)
         groups = group_series(scan.frames)
+        links = prep_folders.skipped_links(input_dir)
+        if not groups:  # an empty, unmounted or junk-only input: nothing is written or removed
+            raise UsageError(_no_series_message(input_dir, scan, links, files_total))
+        prep_folders.create_output(out)
+        out = out.resolve()
+        private = deid.private_dir(out)
+        try:
+            secret = deid.load_or_create_secret(out)
+        except ValueError as exc:  # the message names the secret file
+            raise UsageError(str(exc)) from None
+        state = _load_state(private, force)
         series_uids = {g.series_uid for g in groups}
         label_files, unmatched_labels = (match_labels(labels, series_uids) if labels else ({}, []))
 
@@ -314,6 +311,8 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
                         results[key] = {"key": key, "status": "rejected", "cases": [], "warnings": [],
                                         "reason": f"worker_failed:{type(exc).__name__}"}
                     bar.update(1)
+    except OSError as exc:  # e.g. private/ not writable: name the file, not a traceback
+        raise UsageError(f"cannot read or write {exc.filename or out}: {exc.strerror or exc}") from None
     finally:
         if executor is not None:
             executor.shutdown()
@@ -325,8 +324,19 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
         new_state["groups"][key] = {"hash": state["groups"][key]["hash"], "result": res}
         results[key] = res
 
-    return _finish(input_dir, out, private, secret, groups, results, set(reused), scan,
-                   unmatched_labels, chosen, options, new_state, start)
+    folders = {"owned_before": owned_before, "links": links}
+    try:
+        return _finish(input_dir, out, private, secret, groups, results, set(reused), scan,
+                       unmatched_labels, chosen, options, new_state, start, folders)
+    except OSError as exc:  # e.g. a read-only or full disk: name the file, not a traceback
+        raise UsageError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
+
+
+def _no_series_message(input_dir: Path, scan, links: dict, files_total: int) -> str:
+    parts = [f"{files_total} files", f"{scan.non_dicom} not DICOM", f"{len(scan.unreadable)} unreadable"]
+    parts += [f"{n} {reason.replace('_', ' ')}s not followed" for reason, n in links.items()]
+    return (f"input folder {input_dir} holds no DICOM image series ({', '.join(parts)}); "
+            "nothing was written (is the input mounted?)")
 
 
 def _majority_modality(groups: list[SeriesGroup]) -> str:
@@ -337,7 +347,7 @@ def _majority_modality(groups: list[SeriesGroup]) -> str:
 
 
 def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
-            unmatched_labels, modality, options, state, start) -> PrepResult:
+            unmatched_labels, modality, options, state, start, folders) -> PrepResult:
     entries, training, test, cases, mapping, keep = [], [], [], [], {}, set()
     label_values: set[int] = set()
     for index, g in enumerate(groups, start=1):
@@ -378,7 +388,6 @@ def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
         entry = {k: v for k, v in entry.items() if v is not None}
         entries.append(entry)
 
-    _remove_stale(out, keep)
     labels = {"background": 0}
     if options.label_names:
         labels.update({k: int(v) for k, v in options.label_names.items()})
@@ -386,21 +395,40 @@ def _finish(input_dir, out, private, secret, groups, results, reused_keys, scan,
         labels[f"label_{v}"] = v
     training.sort(key=lambda e: e["image"])
     test.sort(key=lambda e: e["image"])
-    dataset_path = write_dataset_json(out, options.name, modality, labels, training, test)
-
-    counts = {"cases": len(cases), "training": len(training), "test": len(test),
-              "series_converted": sum(1 for e in entries if e["status"] == "converted")}
-    atomic_write_json(out / "fingerprint.json", build_fingerprint(cases, modality, counts))
+    stale = prep_folders.stale_case_files(folders["owned_before"], keep)
     unreadable = [reason for _, reason in scan.unreadable]
     report = build_report(entries, unreadable, scan.non_dicom, scan.dicomdir,
                           {"tilt": options.tilt, "uneven": options.uneven,
                            "split_4d": options.split_4d, "modality": modality,
                            "labels": bool(options.labels),
                            "unmatched_label_files": len(unmatched_labels)},
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, skipped_paths=folders["links"],
+                          removed_files=len(stale) if cases else 0)
+    if not cases:  # never empty an existing dataset; a new output gets the report, no dataset.json
+        fresh = not folders["owned_before"]
+        if fresh:
+            prep_folders.write_owner(out, set(), CONVERTER_VERSION)
+            atomic_write_json(out / "prep_report.json", report)
+        note = (f"reasons in {out / 'prep_report.json'}" if fresh
+                else f"the dataset in {out} was left as it was")
+        return PrepResult(exit_code=EXIT_REJECTED, report=report, output_dir=out, nothing_converted=True,
+                          table=summary_table(report) + f"\nno series in {input_dir} could be converted; {note}")
+    missing = sorted(rel for rel in keep if not (out / rel).is_file())
+    if missing:  # dataset.json must never name a file that is not there
+        raise UsageError(f"{out}: converted files vanished while prep ran (e.g. {missing[0]}); run prep again")
+
+    # Owner list first (old and new files), so a crash part way never orphans a file from it;
+    # stale files go last, so the dataset.json on disk always names files that exist.
+    prep_folders.write_owner(out, folders["owned_before"] | keep, CONVERTER_VERSION)
+    dataset_path = write_dataset_json(out, options.name, modality, labels, training, test)
+    counts = {"cases": len(cases), "training": len(training), "test": len(test),
+              "series_converted": sum(1 for e in entries if e["status"] == "converted")}
+    atomic_write_json(out / "fingerprint.json", build_fingerprint(cases, modality, counts))
     atomic_write_json(out / "prep_report.json", report)
     atomic_write_json(private / MAPPING_FILE, mapping, mode=0o600)
     atomic_write_json(private / STATE_FILE, state, mode=0o600)
+    prep_folders.remove_files(out, stale)
+    prep_folders.write_owner(out, keep, CONVERTER_VERSION)
     s = report["summary"]
     rejected = s["rejected"] + s["labels_rejected"] + s["unreadable_files"]
     return PrepResult(exit_code=EXIT_REJECTED if rejected else EXIT_OK, report=report,

@@ -1,7 +1,8 @@
 """``fedimaging prep INPUT_DIR OUTPUT_DIR``: the command-line face of :func:`prepare_site`.
 
 Exit codes: 0 all image series converted, 3 some series (or labels, or files) rejected while
-the rest were written, 2 usage errors (bad folders or options).
+the rest were written (or none converted: then no dataset.json is written or changed), 2 usage
+errors (bad folders or options, an input with no DICOM series, an output prep does not own).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="worker processes (default: min(4, CPUs))")
     parser.add_argument("--force", action="store_true",
-                        help="reconvert every series, and allow a non-empty OUTPUT_DIR")
+                        help="reconvert every series (OUTPUT_DIR must still be new, empty or "
+                             "a prep output: prep never writes into a folder it did not create)")
     parser.add_argument("--tilt", choices=("correct", "reject"), default="correct",
                         help="gantry-tilted CT: resample to an orthogonal grid (default) or reject")
     parser.add_argument("--uneven", choices=("reject", "resample"), default="reject",
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"fedimaging prep: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if result.nothing_converted:
+        print(result.table, file=sys.stderr)
+        return result.exit_code
     if not args.quiet:
         print(result.table)
         print(f"site dataset written to {result.output_dir}")

@@ -10,8 +10,13 @@ from collections import Counter
 
 
 def build_report(entries: list[dict], unreadable: list[str], non_dicom: int, dicomdir: int,
-                 options: dict, seconds: float) -> dict:
-    """The ``prep_report.json`` object."""
+                 options: dict, seconds: float, skipped_paths: dict[str, int] | None = None,
+                 removed_files: int = 0) -> dict:
+    """The ``prep_report.json`` object.
+
+    ``skipped_paths`` counts input links not followed, by reason code; ``removed_files`` the
+    case files of an earlier run that this run deleted (series no longer in the input).
+    """
     status = Counter(e["status"] for e in entries)
     unreadable_counts = Counter(unreadable)
     return {
@@ -25,10 +30,13 @@ def build_report(entries: list[dict], unreadable: list[str], non_dicom: int, dic
             "unreadable_files": len(unreadable),
             "non_dicom_files": non_dicom,
             "dicomdir_files": dicomdir,
+            "skipped_links": sum((skipped_paths or {}).values()),
+            "removed_files": removed_files,
             "seconds": round(seconds, 3),
         },
         "options": options,
         "unreadable_files": dict(sorted(unreadable_counts.items())),
+        "skipped_paths": dict(sorted((skipped_paths or {}).items())),
         "series": entries,
     }
 
@@ -55,4 +63,10 @@ def summary_table(report: dict) -> str:
         f"rejected {s['rejected']} (unchanged {s['unchanged']}); unreadable files "
         f"{s['unreadable_files']}, non-DICOM files {s['non_dicom_files']}; {s['seconds']:.1f} s"
     )
+    for reason, n in report.get("unreadable_files", {}).items():
+        lines.append(f"  {n} file(s) not used: {reason}")
+    for reason, n in report.get("skipped_paths", {}).items():
+        lines.append(f"  {n} input link(s) not followed: {reason}")
+    if s.get("removed_files"):
+        lines.append(f"  {s['removed_files']} file(s) of series no longer in the input removed")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from data_prep.deid import SIDECAR_FIELDS
+from data_prep.limits import frame_size_problem
 
 DICOMDIR_SOP = "1.2.840.10008.1.3.10"
 
@@ -344,6 +345,10 @@ def read_headers(path: str) -> tuple[list[FrameRecord], str | None]:
     reason = _skip_reason(ds, sop_class)
     try:
         nframes = _int(ds.get("NumberOfFrames"), 1) or 1
+        if reason is None and (nframes != 1 or "PerFrameFunctionalGroupsSequence" in ds):
+            problem = frame_size_problem(ds, nframes, len(data), base["transfer_syntax"])
+            if problem is not None:  # checked before building one record per declared frame
+                return [], f"invalid_header:{problem}"
         if reason is None and "PerFrameFunctionalGroupsSequence" in ds:
             records = _multiframe_records(ds, base, nframes)
         else:

@@ -17,15 +17,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from data_prep import dataset_checks as checks
+from data_prep.dataset_checks import DatasetError
 from fedimaging.io import atomic_write_json
 
 DATASET_JSON = "dataset.json"
 FILE_ENDING = ".nii.gz"
 AFFINE_TOLERANCE_MM = 1e-3
-
-
-class DatasetError(ValueError):
-    """A site dataset is missing, malformed or inconsistent; the message names the file."""
+__all__ = ["DatasetError", "Case", "SiteDataset", "load_site_dataset", "write_dataset_json"]
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,7 @@ class SiteDataset:
         return digest.hexdigest()[:32]
 
 
-def _resolve_inside(root: Path, rel: Any, where: str) -> Path:
-    """Resolve a dataset.json path and refuse anything that escapes the dataset folder."""
-    if not isinstance(rel, str) or not rel:
-        raise DatasetError(f"{where}: expected a relative file path, got {rel!r}")
-    if os.path.isabs(rel) or rel.startswith("~"):
-        raise DatasetError(f"{where}: path {rel!r} must be relative to the dataset folder")
-    resolved = (root / rel).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise DatasetError(f"{where}: path {rel!r} escapes the dataset folder {root}")
-    if not resolved.is_file():
-        raise DatasetError(f"{where}: file {rel!r} does not exist in {root}")
-    return resolved
+_resolve_inside = checks.resolve_inside
 
 
 def _case_name(image_rel: str) -> str:
@@ -100,9 +88,9 @@ def _case_name(image_rel: str) -> str:
 
 
 def _check_geometry(image: Path, label: Path, where: str, labels: dict[str, int]) -> None:
-    img = nib.load(str(image))
-    lab = nib.load(str(label))
-    if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
+    img = checks.open_nifti(image, where, "image")
+    lab = checks.open_nifti(label, where, "label")
+    if checks.spatial_shape(img, image, where, "image") != checks.spatial_shape(lab, label, where, "label"):
         raise DatasetError(
             f"{where}: label {label.name} has shape {tuple(lab.shape)} but image "
             f"{image.name} has shape {tuple(img.shape)}"
@@ -112,7 +100,10 @@ def _check_geometry(image: Path, label: Path, where: str, labels: dict[str, int]
             f"{where}: label {label.name} affine differs from image {image.name} "
             f"(max difference {np.abs(img.affine - lab.affine).max():.4g} mm)"
         )
-    values = np.unique(np.asanyarray(lab.dataobj))
+    try:
+        values = np.unique(np.asanyarray(lab.dataobj))
+    except Exception as exc:  # noqa: BLE001 - corrupt compressed data is found only when read
+        raise DatasetError(f"{where}: label {label.name} cannot be read ({type(exc).__name__})") from None
     declared = set(labels.values())
     # NaN/inf and fractional values are never declared (int() of NaN would raise without the file name)
     undeclared = sorted(
@@ -158,23 +149,16 @@ def _parse_cases(
             label = None
         elif isinstance(raw_label, (bool, int, float)):
             # JSON true/false is not a class index (bool is an int subclass in Python)
-            if (
-                isinstance(raw_label, bool)
-                or not np.isfinite(raw_label)
-                or raw_label != int(raw_label)
-                or int(raw_label) not in labels.values()
-            ):
-                raise DatasetError(
-                    f"{where}: class label {raw_label!r} is not one of the declared "
-                    f"classes {sorted(labels.values())}"
-                )
-            label, kinds = int(raw_label), kinds | {"classification"}
+            label, kinds = checks.class_index(raw_label, set(labels.values()), where), kinds | {"classification"}
         else:
             label = _resolve_inside(root, raw_label, where)
             kinds.add("segmentation")
             if check_geometry:
                 for channel in channels or (image,):
                     _check_geometry(channel, label, where, labels)
+        if check_geometry and not isinstance(label, Path):  # label maps checked the image above
+            for channel in channels or (image,):
+                checks.spatial_shape(checks.open_nifti(channel, where, "image"), channel, where, "image")
         cases.append(Case(_case_name(entry["image"]), image, label, channels))
     if len(kinds) > 1:
         raise DatasetError(f"{root / DATASET_JSON}: '{list_name}' mixes class indices and label maps")
@@ -195,35 +179,29 @@ def load_site_dataset(
     manifest = root / DATASET_JSON
     if not manifest.is_file():
         raise DatasetError(f"{manifest} is missing: not a site dataset (run 'fedimaging prep')")
-    try:
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{manifest} is not valid JSON: {exc}") from exc
+    meta = checks.read_json(manifest)
     if not isinstance(meta, dict):
         raise DatasetError(f"{manifest}: expected a JSON object")
     for key in ("name", "channel_names", "labels", "training"):
         if key not in meta:
             raise DatasetError(f"{manifest}: required key '{key}' is missing")
-    labels = meta["labels"]
-    if (
-        not isinstance(labels, dict)
-        or not labels
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values())
-    ):
-        raise DatasetError(f"{manifest}: 'labels' must map names to integer values")
+    if not isinstance(meta["name"], str):
+        raise DatasetError(f"{manifest}: 'name' must be a string, got {checks.shown(meta['name'])}")
+    labels = checks.check_labels(meta["labels"], manifest)
     channels = meta["channel_names"]
     if (
         not isinstance(channels, dict)
         or not channels
         or sorted(channels, key=lambda k: (len(k), k)) != [str(i) for i in range(len(channels))]
-        or not all(isinstance(v, str) and v.strip() for v in channels.values())
     ):
         raise DatasetError(
-            f"{manifest}: 'channel_names' must map channel indices \"0\"..\"N-1\" to names, got {channels!r}"
+            f"{manifest}: 'channel_names' must map channel indices \"0\"..\"N-1\" to names, got {checks.shown(channels)}"
         )
+    for i in range(len(channels)):
+        checks.check_modality(channels[str(i)], manifest)
     channel_names = tuple(channels[str(i)].strip() for i in range(len(channels)))
     if meta.get("file_ending", FILE_ENDING) not in (FILE_ENDING, ".nii"):
-        raise DatasetError(f"{manifest}: file_ending {meta['file_ending']!r} is not NIfTI")
+        raise DatasetError(f"{manifest}: file_ending {checks.shown(meta['file_ending'])} is not NIfTI")
     training, kind = _parse_cases(root, meta["training"], "training", labels, check_geometry, len(channel_names))
     if not training and require_training:
         raise DatasetError(f"{manifest}: the 'training' list is empty; a site needs training cases")
@@ -235,6 +213,8 @@ def load_site_dataset(
         raise DatasetError(f"{manifest}: 'test' labels are of another kind than 'training'")
     if kind == "segmentation" and 0 not in labels.values():
         raise DatasetError(f"{manifest}: segmentation 'labels' must declare background = 0")
+    checks.check_unique([(f"training[{i}]", c) for i, c in enumerate(training)]
+                        + [(f"test[{i}]", c) for i, c in enumerate(test)], manifest)
     return SiteDataset(
         root=root,
         name=str(meta["name"]),

@@ -13,7 +13,7 @@ Private keys are written with mode 0600; nothing that exists is overwritten with
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -21,17 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import pki
-from fedimaging.io import atomic_write_bytes
+from deploy.config_text import DeployInitError, check_path_option, toml_str
+from deploy.tree import replace_folder
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_PORT = 8000  # Flower 1.41 SuperLink: Fleet, Control and Runtime APIs on one HTTPS port
 CONNECTION_NAME = "fedimaging"
 PRIVATE = 0o600
 PUBLIC = 0o644
-
-
-class DeployInitError(ValueError):
-    """Bad arguments or a file that would be overwritten; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -69,23 +66,18 @@ def parse_sites(raw: str) -> tuple[str, ...]:
     return sites
 
 
-def _toml_str(value: str) -> str:
-    """A TOML basic string (JSON escaping is valid TOML for the characters we allow)."""
-    return json.dumps(value, ensure_ascii=False)
-
-
 def node_config_toml(opts: InitOptions, site: str) -> str:
     """The site's ``flower-supernode --node-config`` file (contract: DESIGN 3.3)."""
     lines = [
         f"# Node config of site {site!r} for `flower-supernode --node-config node-config.toml`.",
         "# Edit data-path and state-dir to this site's folders. Both stay at the site.",
-        f"data-path = {_toml_str(opts.data_path.format(site=site))}",
-        f"site-name = {_toml_str(site)}",
-        f"state-dir = {_toml_str(opts.state_dir.format(site=site))}",
+        f"data-path = {toml_str(opts.data_path.format(site=site))}",
+        f"site-name = {toml_str(site)}",
+        f"state-dir = {toml_str(opts.state_dir.format(site=site))}",
     ]
     if opts.dp_epsilon > 0:
         lines += [
-            "# Differential privacy (DP-SGD): this site's lifetime budget on this dataset.",
+            "# Differential privacy (DP-SGD): the lifetime budget per patient at this site, over all studies.",
             f"dp-epsilon = {opts.dp_epsilon!r}",
             f"dp-delta = {opts.dp_delta!r}",
             f"dp-max-grad-norm = {opts.dp_max_grad_norm!r}",
@@ -106,8 +98,8 @@ def connection_toml(opts: InitOptions, ca_cert: Path, with_header: bool) -> str:
     host = f"[{host}]" if ":" in host else host
     body = (
         f"[superlink.{opts.connection}]\n"
-        f"address = {_toml_str(f'{host}:{opts.port}')}\n"
-        f"root-certificates = {_toml_str(str(ca_cert))}\n"
+        f"address = {toml_str(f'{host}:{opts.port}')}\n"
+        f"root-certificates = {toml_str(str(ca_cert))}\n"
     )
     if not with_header:
         return (
@@ -175,33 +167,78 @@ SuperLink address:  {opts.hosts[0]}:{opts.port} (certificate valid for {", ".joi
 """
 
 
+SITE_FILES = ("ca.crt", "auth.key", "auth.key.pub", "node-config.toml", "site.env")
+
+
+def _owned_files(root: Path) -> set[str]:
+    """Files under ``root`` that ``deploy init`` writes (of any earlier run, any site list)."""
+    owned = {p.relative_to(root).as_posix() for p in _target_paths_for(root, ())}
+    for key in (root / "superlink" / "site-keys").glob("*.pub"):
+        owned.add(key.relative_to(root).as_posix())
+    for site_dir in (root / "sites").glob("*"):
+        if site_dir.is_dir() and not site_dir.is_symlink():
+            owned.update(f"sites/{site_dir.name}/{name}" for name in SITE_FILES)
+    return owned
+
+
 def write_deployment(opts: InitOptions) -> list[Path]:
-    """Write the deployment folder; refuse (naming the file) to overwrite unless ``force``."""
-    targets = [p for p in _target_paths(opts)]
+    """Write the deployment folder all or nothing; refuse (naming the file) to overwrite unless ``force``.
+
+    With ``force`` the whole new deployment is built beside the old one and swapped in when complete
+    (:func:`deploy.tree.replace_folder`): keys and folders of sites no longer listed go, files that
+    ``deploy init`` did not write stay, and a failure leaves the old deployment untouched.
+    """
+    root = opts.out_dir
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise DeployInitError(f"{root} is {'a symbolic link' if root.is_symlink() else 'not a folder'}; "
+                              "give the deployment folder itself")
+    if root.is_dir() and any(root.iterdir()):
+        # The swap below replaces the folder itself: only ever a deployment's, never the caller's.
+        if not any((root / rel).exists() for rel in _owned_files(root)):
+            raise DeployInitError(f"{root} is not empty and holds no deployment; give a new folder, "
+                                  "e.g. deployment/")
+        if Path.cwd().resolve().is_relative_to(root.resolve()):
+            raise DeployInitError(f"{root} contains the current folder; run deploy init from outside it")
+    targets = _target_paths(opts)
     if not opts.force:
         for path in targets:
             if path.exists() or path.is_symlink():
                 raise DeployInitError(f"{path} already exists; use --force to overwrite the deployment")
+    else:
+        database = root / "superlink" / "state"
+        if database.is_dir() and any(database.iterdir()):
+            raise DeployInitError(
+                f"{database} holds a SuperLink database, which registers the current site keys; --force "
+                "makes a new CA and new keys, so stop the SuperLink and move that folder away first"
+            )
     files = _plan(opts)
     assert set(files) == set(targets)
-    for path, (data, mode) in files.items():
-        atomic_write_bytes(path, data, mode=mode)
-    for secret_dir in {opts.out_dir / "ca", *(opts.out_dir / "sites" / s for s in opts.sites)}:
-        secret_dir.chmod(0o700)
+    secret_dirs = {"ca", *(f"sites/{s}" for s in opts.sites)}
+    try:
+        replace_folder(
+            root, {p.relative_to(root).as_posix(): content for p, content in files.items()},
+            owned=_owned_files(root) if opts.force else set(),
+            dir_modes={d: 0o700 for d in secret_dirs},
+        )
+    except OSError as exc:
+        raise DeployInitError(f"writing {root} failed, nothing was changed: {exc}") from None
     return sorted(files)
 
 
 def _target_paths(opts: InitOptions) -> list[Path]:
-    root, link = opts.out_dir, opts.out_dir / "superlink"
+    return _target_paths_for(opts.out_dir, opts.sites)
+
+
+def _target_paths_for(root: Path, sites: Sequence[str]) -> list[Path]:
+    link = root / "superlink"
     paths = [
         root / "ca" / "ca.crt", root / "ca" / "ca.key", link / "ca.crt", link / "superlink.crt",
         link / "superlink.key", link / "flwr-connection.toml", link / "flwr-home" / "config.toml",
         root / "README.txt",
     ]
-    for site in opts.sites:
+    for site in sites:
         d = root / "sites" / site
-        paths += [d / "ca.crt", d / "auth.key", d / "auth.key.pub", d / "node-config.toml",
-                  d / "site.env", link / "site-keys" / f"{site}.pub"]
+        paths += [d / name for name in SITE_FILES] + [link / "site-keys" / f"{site}.pub"]
     return paths
 
 
@@ -249,18 +286,19 @@ def options_from_args(args: argparse.Namespace) -> InitOptions:
     if not 1 <= args.superlink_port <= 65535:
         raise DeployInitError(f"--superlink-port {args.superlink_port} is not a TCP port")
     for key in ("data_path", "state_dir"):
-        value = getattr(args, key)
-        try:
-            value.format(site="x")
-        except (KeyError, IndexError, ValueError):
-            option = "--" + key.replace("_", "-")
-            raise DeployInitError(f"{option} {value!r}: only '{{site}}' may appear in braces") from None
+        check_path_option("--" + key.replace("_", "-"), getattr(args, key))
+    check_path_option("DIR", str(args.dir), template=False)
+    for option, value in (("--dp-epsilon", args.dp_epsilon), ("--dp-delta", args.dp_delta),
+                          ("--dp-max-grad-norm", args.dp_max_grad_norm)):
+        if not math.isfinite(value):
+            raise DeployInitError(f"{option} {value}: give a finite number (--dp-epsilon 0 turns DP off)")
     if args.dp_epsilon < 0 or (args.dp_epsilon > 0 and not 0 < args.dp_delta < 1) or args.dp_max_grad_norm <= 0:
         raise DeployInitError("DP settings: need --dp-epsilon >= 0, 0 < --dp-delta < 1, --dp-max-grad-norm > 0")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.connection_name):
         raise DeployInitError(f"--connection-name {args.connection_name!r}: letters, digits, '_' and '-' only")
-    if args.cert_days < 1:
-        raise DeployInitError("--cert-days must be >= 1")
+    if not 1 <= args.cert_days <= InitOptions.ca_days:
+        raise DeployInitError(f"--cert-days {args.cert_days}: give 1 to {InitOptions.ca_days} days (the CA is "
+                              f"valid {InitOptions.ca_days} days and a certificate cannot outlive it)")
     return InitOptions(
         out_dir=args.dir.expanduser().absolute(), sites=parse_sites(args.sites), hosts=tuple(hosts),
         port=args.superlink_port, data_path=args.data_path, state_dir=args.state_dir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,21 @@ DEPLOY_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = DEPLOY_DIR.parent
 # Flower's own local SuperLink (started by `flwr run` for simulations) uses these ports.
 _RESERVED_PORTS = {39091, 39093}
+
+
+def copy_checkout(dest: Path, source: Path = PROJECT_ROOT) -> Path:
+    """Copy the project as a coordinator or site checks it out (code, tests, docs, scripts; no caches)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.egg-info")
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        skip = {".git", ".pytest_cache", ".venv", "runs", "build", "dist"}
+        if entry.name in skip or entry.name.endswith(".egg-info"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest / entry.name, ignore=ignore, symlinks=True)
+        elif entry.is_file():
+            shutil.copy2(entry, dest / entry.name)
+    return dest
 
 
 def free_port() -> int:
@@ -211,11 +227,19 @@ class LoopbackFederation:
         self.wait_for_log(proc, "Uvicorn running on https://", wait)
         return proc
 
-    def register(self, sites: Sequence[str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        """``deploy/register-sites.sh`` (registers all sites, or ``sites``)."""
-        env = self.env("superlink")
-        env["FLWR_HOME"] = str(self.link_dir / "flwr-home")
-        cmd = [str(DEPLOY_DIR / "register-sites.sh"), str(self.link_dir), self.connection, *(sites or [])]
+    def register(self, sites: Sequence[str] | None = None, timeout: float = 120.0,
+                 **env_extra: str) -> subprocess.CompletedProcess:
+        """``deploy/register-sites.sh`` (registers all sites, or ``sites``); it picks its own FLWR_HOME."""
+        env = self.env("register", **env_extra)
+        cmd = [str(DEPLOY_DIR / "register-sites.sh"), str(self.link_dir), "--connection", self.connection,
+               *(sites or [])]
+        return subprocess.run(cmd, env=env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
+
+    def list_sites(self, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """``fedimaging deploy sites list``: node ids with site names, as the coordinator sees them."""
+        cmd = [sys.executable, "-m", "deploy.sites", "list", str(self.link_dir), "--connection", self.connection]
+        env = self.env("register")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         return subprocess.run(cmd, env=env, cwd=self.workdir, capture_output=True, text=True, timeout=timeout)
 
     def start_site(

@@ -1,25 +1,29 @@
 """Differential privacy for fedimaging sites: Opacus DP-SGD with a lifetime, site-owned ledger.
 
 torch + opacus only (never flwr or monai). Entry points: ``DPSiteSession`` (one per site per run),
-``make_dp_compatible`` (same model surgery on server and sites), ``PrivacyLedger`` and
-``calibrate_noise_multiplier``; ``privacy.cli.show_main`` backs ``fedimaging privacy show``.
+``case_units`` (who a training set's steps protect), ``make_dp_compatible`` (same model surgery
+on server and sites), ``PrivacyLedger`` and ``calibrate_noise_multiplier``; ``privacy.cli``
+backs ``fedimaging privacy show`` and ``fedimaging privacy migrate``.
 """
 
+from privacy.accounting import epsilon_of
 from privacy.calibrate import BudgetExhausted, calibrate_noise_multiplier, planned_steps
 from privacy.engine import NotDPCompatible, is_dp_compatible, make_dp_compatible
-from privacy.ledger import (
-    LedgerError,
-    PrivacyLedger,
-    dataset_id_for,
-    dataset_id_from_training_list,
-    default_delta,
-    format_ledger,
+from privacy.ledger import LedgerError, PrivacyLedger, default_delta
+from privacy.session import (
+    DEFAULT_STUDY_FRACTION,
+    REFUSAL_CODES,
+    DPSettings,
+    DPSiteSession,
+    StepResult,
+    default_state_dir,
+    study_share,
 )
-from privacy.session import DPSettings, DPSiteSession, StepResult, default_state_dir
+from privacy.units import case_units, training_case_names
 
 __all__ = [
-    "BudgetExhausted", "DPSettings", "DPSiteSession", "LedgerError", "NotDPCompatible", "PrivacyLedger",
-    "StepResult", "calibrate_noise_multiplier", "dataset_id_for", "dataset_id_from_training_list",
-    "default_delta", "default_state_dir", "format_ledger", "is_dp_compatible", "make_dp_compatible",
-    "planned_steps",
+    "DEFAULT_STUDY_FRACTION", "REFUSAL_CODES", "BudgetExhausted", "DPSettings", "DPSiteSession", "LedgerError",
+    "NotDPCompatible", "PrivacyLedger", "StepResult", "calibrate_noise_multiplier", "case_units", "default_delta",
+    "default_state_dir", "epsilon_of", "is_dp_compatible", "make_dp_compatible", "planned_steps", "study_share",
+    "training_case_names",
 ]

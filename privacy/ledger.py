@@ -1,78 +1,50 @@
-"""Site-owned privacy ledger: the lifetime DP-SGD spend on one dataset, across rounds and runs.
+"""The site's privacy ledger: every DP-SGD release, and the cases and patients it touched.
 
-Flower's Opacus example makes a new PrivacyEngine every round, so the epsilon it reports is per
-round and resets on every restart. Here the site keeps one ledger file per dataset in its private
-state folder. It holds the state of an Opacus accountant (``state_dict``: the ``history`` of
-``(noise_multiplier, sample_rate, steps)``), so the epsilon spent is always recomputed by Opacus
-from everything this dataset ever went through, whatever run or process spent it.
+One ledger per site state folder, ``<state-dir>/privacy/ledger.json`` (version 2). Each
+*release* is a run of DP-SGD steps at one (noise multiplier, sample rate) over one training set;
+it lists the hashed privacy units of that set (see :mod:`privacy.units`). What a case has spent is
+the Opacus RDP epsilon of every release that touched it, whichever dataset folder, dataset name or
+run it came through; what a new training costs is the worst case over its cases. Adding cases,
+renaming the dataset or re-running prep therefore never resets anyone's budget (version 1 keyed
+the budget to the training list, and did).
 
-File: ``<state-dir>/privacy/ledger-<dataset_id>.json`` (written atomically, with a SHA-256 checksum
-of its content so a hand edit or a torn copy is an error, never a silent reset to zero). A lock
-file serialises concurrent writers (two runs on the same dataset at once): ``record`` re-reads
-the file under the lock and appends, so no spend is ever lost.
+A round is charged before it runs: ``reserve`` books its planned steps as an *open* release
+(counted), ``settle`` records the steps actually taken, so a crash can only over-count. A lock
+file serialises concurrent writers; every change re-reads the file under the lock.
 
-A round is charged before it runs: ``reserve`` books its planned steps as *pending* (counted in
-``spent``), ``settle`` replaces the booking by the steps actually taken. A process that dies
-mid-round leaves its booking in place, so a crash can only over-count, never under-count.
-The checksum protects against accidents, not against a site that wants to cheat itself.
+``privacy/ledger.marker`` is written with the ledger's id when the ledger is created and never
+removed: a missing ``ledger.json`` beside a marker is an error, not a fresh start. The SHA-256
+checksum and the marker catch accidents (a torn copy, a hand edit, a deleted file); they cannot
+stop a site that deletes its whole state folder, which owns its budget (README "Differential
+privacy").
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
-import math
 import os
 import re
+import secrets
 import time
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-
 from fedimaging.io import atomic_write_json
+from privacy.accounting import DEFAULT_MECHANISM, epsilon_of, worst_epsilon
+from privacy.ledger_v1 import V1_NAME_RE, LedgerError, V1Ledger, checksum, number
 
-LEDGER_FORMAT = "fedimaging-privacy-ledger"
-LEDGER_VERSION = 1
-DEFAULT_MECHANISM = "rdp"
-"""Opacus RDP accountant: composes any heterogeneous history exactly, is deterministic and never
-fails on extreme parameters (PRV is slightly tighter but numerically fragile on mixed histories)."""
+__all__ = ["DEFAULT_MECHANISM", "LedgerError", "PrivacyLedger", "Release", "default_delta", "epsilon_of"]
 
-_DATASET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class LedgerError(RuntimeError):
-    """The ledger file cannot be trusted (corrupt, edited, wrong dataset or format)."""
-
-
-def dataset_id_from_training_list(training: Sequence[Any], name: str = "") -> str:
-    """Identifier of a site dataset: SHA-256 of its training list (dataset.json ``training``).
-
-    Stable across runs and restarts; changes only when the training cases change. It is a site
-    secret (it stays in the state folder, never in metrics).
-    """
-    blob = json.dumps({"name": name, "training": list(training)}, sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
-
-
-def dataset_id_for(data_path: str | os.PathLike) -> str:
-    """Dataset identifier read from ``<data_path>/dataset.json`` (see dataset_id_from_training_list)."""
-    manifest = Path(data_path) / "dataset.json"
-    try:
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
-        training = meta["training"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LedgerError(f"cannot read the training list from {manifest}: {exc}") from exc
-    if not isinstance(training, list):
-        raise LedgerError(f"{manifest}: 'training' must be a list")
-    return dataset_id_from_training_list(training, str(meta.get("name", "")))
+LEDGER_FORMAT = "fedimaging-site-privacy-ledger"
+LEDGER_VERSION = 2
+LEDGER_FILE = "ledger.json"
+MARKER_FILE = "ledger.marker"
+_UNIT_RE = re.compile(r"^(case|subject):[0-9a-f]{32}$")
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_RUN_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
 def default_delta(num_training_cases: int) -> float:
@@ -82,24 +54,30 @@ def default_delta(num_training_cases: int) -> float:
     return min(1e-5, 1.0 / (10.0 * num_training_cases))
 
 
-def ledger_path(state_dir: str | os.PathLike, dataset_id: str) -> Path:
-    """Where the ledger of ``dataset_id`` lives under ``state_dir``."""
-    if not isinstance(dataset_id, str) or not _DATASET_ID_RE.match(dataset_id):
-        raise ValueError(
-            f"dataset_id must be 1-128 characters of letters, digits, '_', '-', '.', got {dataset_id!r}"
-        )
-    return Path(state_dir) / "privacy" / f"ledger-{dataset_id}.json"
+@dataclass
+class Release:
+    """Steps one run took at one (sigma, q) on one training set; ``open`` until its round settles."""
 
+    id: str
+    run_id: str
+    units: int  # index into PrivacyLedger.unit_sets
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    rounds: int
+    open: bool
+    study_epsilon: float | None
+    updated: float
 
-def _checksum(body: dict) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    @property
+    def segment(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Exclusive advisory lock on ``path.lock`` (no-op where fcntl does not exist)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -113,371 +91,270 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _positive_float(value: Any, what: str, where: Path, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LedgerError(f"{where}: {what} must be a finite number, got {value!r}")
-    if value <= 0 or (upper is not None and value > upper):
-        bound = f"in (0, {upper}]" if upper is not None else "positive"
-        raise LedgerError(f"{where}: {what} must be {bound}, got {value!r}")
-    return float(value)
-
-
-def _positive_int(value: Any, what: str, where: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LedgerError(f"{where}: {what} must be a positive integer, got {value!r}")
-    return value
-
-
-@dataclass
-class LedgerEntry:
-    """Steps one run spent with one (noise multiplier, sample rate); rounds counts record() calls."""
-
-    run_id: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    rounds: int
-    epsilon_after: float
-    delta: float
-    updated: float
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
 class PrivacyLedger:
-    """Lifetime (epsilon, delta) spend of one dataset, backed by an Opacus accountant.
+    """All DP-SGD releases of one site state folder. :meth:`load`, query, :meth:`reserve`/:meth:`settle`."""
 
-    Use :meth:`load` (creates an empty ledger if the file does not exist yet), query with
-    :meth:`spent` / :meth:`would_exceed`, and :meth:`record` the steps actually taken (which saves).
-    """
+    def __init__(self, state_dir: str | os.PathLike, mechanism: str | None = None):
+        self.dir = Path(state_dir) / "privacy"
+        self.path = self.dir / LEDGER_FILE
+        self.marker_path = self.dir / MARKER_FILE
+        self.mechanism = mechanism or DEFAULT_MECHANISM
+        self._expected_mechanism = mechanism
+        self._clear()
 
-    def __init__(self, path: Path, dataset_id: str, mechanism: str = DEFAULT_MECHANISM):
-        self.path = Path(path)
-        self.dataset_id = dataset_id
-        self.mechanism = mechanism
-        self.accountant = create_accountant(mechanism=mechanism)
-        self.entries: list[LedgerEntry] = []
-        self.pending: list[dict] = []
+    def _clear(self) -> None:
+        self.ledger_id: str | None = None
+        self.releases: list[Release] = []
+        self.unit_sets: list[tuple[str, ...]] = []
         self.epsilon_budget: float | None = None
         self.delta: float | None = None
+        self.migrated: list[dict] = []
+        self._index: dict[str, set[int]] | None = None
 
-    # ----------------------------------------------------------------- loading / saving
     @classmethod
-    def load(
-        cls, state_dir: str | os.PathLike, dataset_id: str, mechanism: str = DEFAULT_MECHANISM
-    ) -> PrivacyLedger:
-        """Ledger of ``dataset_id`` in ``state_dir``; an empty one if none was written yet."""
-        ledger = cls(ledger_path(state_dir, dataset_id), dataset_id, mechanism)
+    def load(cls, state_dir: str | os.PathLike, mechanism: str | None = None) -> PrivacyLedger:
+        """The ledger of ``state_dir`` (empty if DP never ran there); LedgerError if it cannot be trusted."""
+        ledger = cls(state_dir, mechanism)
         ledger.reload()
         return ledger
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> PrivacyLedger:
-        """Open an existing ledger file (for inspection, e.g. ``fedimaging privacy show``)."""
-        path = Path(path)
-        match = re.match(r"^ledger-(.+)\.json$", path.name)
-        if not match:
-            raise LedgerError(f"{path}: not a ledger file name (expected ledger-<dataset-id>.json)")
+    def legacy_files(self) -> list[Path]:
+        """Version-1 ledgers (``ledger-<dataset id>.json``) still in the folder, not yet migrated."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if V1_NAME_RE.match(p.name))
+
+    # ----------------------------------------------------------------- reading / writing
+    def _marker_id(self) -> str | None:
+        if not self.marker_path.exists():
+            return None
         try:
-            mechanism = json.loads(path.read_text(encoding="utf-8"))["body"]["accountant"]["mechanism"]
+            marker = json.loads(self.marker_path.read_text(encoding="utf-8"))
+            ident = marker["ledger_id"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({exc})") from exc
-        ledger = cls(path, match.group(1), str(mechanism))
-        ledger.reload()
-        return ledger
+            raise LedgerError(f"privacy ledger marker {self.marker_path} is damaged ({exc}); restore it") from exc
+        if not isinstance(ident, str) or not _ID_RE.match(ident):
+            raise LedgerError(f"privacy ledger marker {self.marker_path} is damaged (bad ledger_id)")
+        return ident
 
     def reload(self) -> None:
-        """Re-read the file (an absent file means nothing spent yet); raises LedgerError if bad."""
+        """Re-read the file; raises LedgerError (naming it) if it is missing after use, damaged or foreign."""
+        marker = self._marker_id()
         if not self.path.exists():
-            self.accountant.history = []
-            self.entries = []
-            self.pending = []
+            if marker is not None:
+                raise LedgerError(
+                    f"privacy ledger {self.path} is missing, but {self.marker_path} shows that ledger "
+                    f"{marker} recorded DP training here: the epsilon spent on this site's cases is "
+                    f"unknown, so training is refused. Restore {self.path.name} from a backup of the "
+                    f"state folder (see README 'Differential privacy')."
+                )
+            self._clear()
             return
         where = self.path
         try:
             doc = json.loads(where.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise LedgerError(
-                f"privacy ledger {where} is unreadable ({exc}); refusing to train. Restore it from "
-                f"a backup; deleting it would forget the privacy budget already spent."
+                f"privacy ledger {where} is unreadable ({exc}); refusing to train. Restore it from a "
+                f"backup; deleting it would forget the privacy budget already spent."
             ) from exc
-        if not isinstance(doc, dict) or not isinstance(doc.get("body"), dict):
+        body = doc.get("body") if isinstance(doc, dict) else None
+        if not isinstance(body, dict):
             raise LedgerError(f"{where}: not a fedimaging privacy ledger")
-        body = doc["body"]
-        if doc.get("sha256") != _checksum(body):
+        try:
+            digest_ok = doc.get("sha256") == checksum(body)
+        except (TypeError, ValueError):
+            digest_ok = False
+        if not digest_ok:
             raise LedgerError(
                 f"privacy ledger {where} failed its checksum (edited by hand or damaged); "
                 f"refusing to train. Restore it from a backup."
             )
+        self._parse(body, where)
+        if marker is not None and marker != self.ledger_id:
+            raise LedgerError(
+                f"{where} is ledger {self.ledger_id}, but {self.marker_path} names ledger {marker}: "
+                f"a ledger copied from elsewhere; restore this state folder's own ledger"
+            )
+
+    def _parse(self, body: dict, where: Path) -> None:
         if body.get("format") != LEDGER_FORMAT or body.get("version") != LEDGER_VERSION:
             raise LedgerError(
                 f"{where}: unsupported ledger format {body.get('format')!r} version {body.get('version')!r}"
             )
-        if body.get("dataset_id") != self.dataset_id:
-            raise LedgerError(
-                f"{where}: belongs to dataset {body.get('dataset_id')!r}, expected {self.dataset_id!r}"
-            )
-        acc_state = body.get("accountant")
-        if not isinstance(acc_state, dict) or acc_state.get("mechanism") != self.mechanism:
-            raise LedgerError(
-                f"{where}: accountant mechanism {acc_state and acc_state.get('mechanism')!r} "
-                f"does not match {self.mechanism!r}"
-            )
-        history = []
-        for item in acc_state.get("history", None) or []:
-            if not isinstance(item, list) or len(item) != 3:
-                raise LedgerError(f"{where}: bad accountant history item {item!r}")
-            sigma = _positive_float(item[0], "noise multiplier", where)
-            q = _positive_float(item[1], "sample rate", where, upper=1.0)
-            history.append((sigma, q, _positive_int(item[2], "steps", where)))
-        entries = []
-        for raw in body.get("entries", []):
-            try:
-                entries.append(LedgerEntry(**raw))
-            except TypeError as exc:
-                raise LedgerError(f"{where}: bad ledger entry {raw!r}") from exc
-        if sum(e.steps for e in entries) != sum(h[2] for h in history):
-            raise LedgerError(f"{where}: entries and accountant history disagree on the step count")
-        pending = []
-        for raw in body.get("pending", []):
-            if not isinstance(raw, dict) or set(raw) != {"id", "run_id", "noise_multiplier", "sample_rate", "steps"}:
-                raise LedgerError(f"{where}: bad pending reservation {raw!r}")
-            _positive_float(raw["noise_multiplier"], "noise multiplier", where)
-            _positive_float(raw["sample_rate"], "sample rate", where, upper=1.0)
-            _positive_int(raw["steps"], "steps", where)
-            pending.append(dict(raw))
-        state = {"history": history, "mechanism": self.mechanism}
-        fresh = create_accountant(mechanism=self.mechanism)
-        fresh.load_state_dict(state)
-        self.accountant = fresh
-        self.entries = entries
-        self.pending = pending
-        self.epsilon_budget = body.get("epsilon_budget")
-        self.delta = body.get("delta")
+        ident, mechanism = body.get("ledger_id"), body.get("mechanism")
+        if not isinstance(ident, str) or not _ID_RE.match(ident):
+            raise LedgerError(f"{where}: bad ledger_id {ident!r}")
+        if not isinstance(mechanism, str) or (self._expected_mechanism not in (None, mechanism)):
+            raise LedgerError(f"{where}: accountant {mechanism!r} does not match {self.mechanism!r}")
+        budget, delta = body.get("epsilon_budget"), body.get("delta")
+        if budget is not None:
+            number(budget, "epsilon_budget", where)
+        if delta is not None:
+            number(delta, "delta", where, upper=0.5)
+        sets = body.get("unit_sets")
+        if not isinstance(sets, list) or not all(
+            isinstance(s, list) and s and all(isinstance(k, str) and _UNIT_RE.match(k) for k in s) for s in sets
+        ):
+            raise LedgerError(f"{where}: 'unit_sets' must be lists of hashed case/patient keys")
+        raw_releases, migrated = body.get("releases"), body.get("migrated", [])
+        if not isinstance(raw_releases, list) or not isinstance(migrated, list):
+            raise LedgerError(f"{where}: 'releases' and 'migrated' must be lists")
+        releases = [self._release(raw, where, len(sets)) for raw in raw_releases]
+        if not all(isinstance(m, dict) for m in migrated):
+            raise LedgerError(f"{where}: bad 'migrated' item")
+        self._clear()
+        self.ledger_id, self.mechanism = ident, mechanism
+        self.epsilon_budget = None if budget is None else float(budget)
+        self.delta = None if delta is None else float(delta)
+        self.unit_sets = [tuple(s) for s in sets]
+        self.releases, self.migrated = releases, [dict(m) for m in migrated]
+
+    @staticmethod
+    def _release(raw: Any, where: Path, n_sets: int) -> Release:
+        fields = set(Release.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) != fields:
+            raise LedgerError(f"{where}: bad release {str(raw)[:200]}")
+        ok = (
+            isinstance(raw["id"], str) and isinstance(raw["run_id"], str) and _RUN_RE.match(raw["run_id"])
+            and type(raw["units"]) is int and 0 <= raw["units"] < n_sets
+            and type(raw["steps"]) is int and raw["steps"] >= (1 if raw["open"] else 0)
+            and type(raw["rounds"]) is int and raw["rounds"] >= 0 and isinstance(raw["open"], bool)
+            and isinstance(raw["updated"], (int, float)) and not isinstance(raw["updated"], bool)
+        )
+        if not ok:
+            raise LedgerError(f"{where}: bad release {str(raw)[:200]}")
+        number(raw["noise_multiplier"], "noise multiplier", where)
+        number(raw["sample_rate"], "sample rate", where, upper=1.0)
+        if raw["study_epsilon"] is not None:
+            number(raw["study_epsilon"], "study epsilon", where)
+        return Release(**raw)
 
     def save(self) -> None:
-        """Write the ledger atomically (temporary file + rename, mode 0600)."""
-        state = self.accountant.state_dict()
+        """Write the ledger atomically (mode 0600); creates the marker first for a new ledger."""
+        if self.ledger_id is None:
+            self.ledger_id = secrets.token_hex(16)
+        if self._marker_id() is None:
+            atomic_write_json(self.marker_path, {"ledger_id": self.ledger_id, "created": time.time()}, mode=0o600)
         body = {
-            "format": LEDGER_FORMAT,
-            "version": LEDGER_VERSION,
-            "dataset_id": self.dataset_id,
-            "epsilon_budget": self.epsilon_budget,
-            "delta": self.delta,
-            "accountant": {
-                "mechanism": state["mechanism"],
-                "history": [[float(s), float(q), int(n)] for s, q, n in state["history"]],
-            },
-            "entries": [e.to_json() for e in self.entries],
-            "pending": [dict(p) for p in self.pending],
+            "format": LEDGER_FORMAT, "version": LEDGER_VERSION, "ledger_id": self.ledger_id,
+            "mechanism": self.mechanism, "epsilon_budget": self.epsilon_budget, "delta": self.delta,
+            "unit_sets": [list(s) for s in self.unit_sets],
+            "releases": [asdict(r) for r in self.releases], "migrated": self.migrated,
         }
-        atomic_write_json(self.path, {"body": body, "sha256": _checksum(body)}, mode=0o600)
+        atomic_write_json(self.path, {"body": body, "sha256": checksum(body)}, mode=0o600)
+        self._index = None
 
     # ----------------------------------------------------------------- accounting
-    @property
-    def history(self) -> list[tuple[float, float, int]]:
-        """Opacus accountant history: ``[(noise_multiplier, sample_rate, steps), ...]``."""
-        return list(self.accountant.history)
+    def _key_index(self) -> dict[str, set[int]]:
+        if self._index is None:
+            index: dict[str, set[int]] = {}
+            for i, release in enumerate(self.releases):
+                if release.steps > 0:
+                    for key in self.unit_sets[release.units]:
+                        index.setdefault(key, set()).add(i)
+            self._index = index
+        return self._index
 
-    @property
-    def charged_history(self) -> list[tuple[float, float, int]]:
-        """History plus pending reservations: everything that counts against the budget."""
-        extra = [(p["noise_multiplier"], p["sample_rate"], p["steps"]) for p in self.pending]
-        return self.history + extra
+    def case_histories(self, cases: Sequence[Sequence[str]]) -> list[list[tuple[float, float, int]]]:
+        """The distinct histories of ``cases`` (each: every release that touched one of its keys)."""
+        index = self._key_index()
+        groups = {frozenset().union(*(index.get(k, ()) for k in keys)) for keys in cases}
+        return [[self.releases[i].segment for i in sorted(g)] for g in groups]
+
+    def spent(self, cases: Sequence[Sequence[str]], delta: float) -> float:
+        """Lifetime epsilon of the worst-off of ``cases`` at ``delta`` (0.0 if none was ever trained)."""
+        return worst_epsilon(self.case_histories(cases), delta, self.mechanism)
+
+    def spent_anywhere(self, delta: float) -> float:
+        """The largest epsilon any one recorded case or patient has spent (no dataset needed)."""
+        return self.spent([(k,) for k in self._key_index()], delta)
+
+    def study_history(self, run_id: str) -> list[tuple[float, float, int]]:
+        """Everything one study (run key) has released here, settled or open."""
+        return [r.segment for r in self.releases if r.run_id == run_id]
 
     @property
     def total_steps(self) -> int:
-        """Steps charged so far (settled and pending)."""
-        return sum(int(n) for _, _, n in self.charged_history)
+        return sum(r.steps for r in self.releases)
 
-    def spent(self, delta: float) -> float:
-        """Lifetime epsilon charged to this dataset at ``delta`` (0.0 before any step)."""
-        return epsilon_of(self.charged_history, delta, self.mechanism)
+    def excess(
+        self, cases: Sequence[Sequence[str]], segment: tuple[float, float, int], *, epsilon_budget: float,
+        delta: float, run_id: str | None = None, study_epsilon: float | None = None,
+    ) -> str | None:
+        """``"lifetime"`` or ``"study"`` if ``segment`` more would overspend that budget, else None."""
+        histories = [h + [segment] for h in self.case_histories(cases)]
+        if worst_epsilon(histories, delta, self.mechanism) > epsilon_budget * (1 + 1e-9):
+            return "lifetime"
+        if study_epsilon is not None and run_id is not None:
+            if epsilon_of(self.study_history(run_id) + [segment], delta, self.mechanism) > study_epsilon * (1 + 1e-9):
+                return "study"
+        return None
 
-    def epsilon_if(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-        """Lifetime epsilon after ``steps`` more steps at (noise_multiplier, sample_rate)."""
-        extra = [(noise_multiplier, sample_rate, steps)] if steps > 0 else []
-        return epsilon_of(self.charged_history + extra, delta, self.mechanism)
-
-    def would_exceed(
-        self, noise_multiplier: float, sample_rate: float, steps: int, epsilon_budget: float, delta: float
-    ) -> bool:
-        """True if taking ``steps`` more steps would push the lifetime epsilon above the budget."""
-        return self.epsilon_if(noise_multiplier, sample_rate, steps, delta) > epsilon_budget * (1 + 1e-9)
-
-    def record(
-        self,
-        run_id: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        delta: float,
-        epsilon_budget: float | None = None,
-    ) -> float:
-        """Add ``steps`` taken by ``run_id`` and save; returns the lifetime epsilon after them.
-
-        The file is re-read under a lock first, so concurrent runs on the same dataset both count.
-        """
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        with _locked(self.path):
-            self.reload()
-            return self._record_locked(run_id, noise_multiplier, sample_rate, steps, delta, epsilon_budget)
-
-    def _record_locked(
-        self, run_id: str, noise_multiplier: float, sample_rate: float, steps: int,
-        delta: float, epsilon_budget: float | None,
-    ) -> float:
-        """Append under the caller's lock and save; returns lifetime epsilon after."""
-        if steps > 0:
-            self._append_history(noise_multiplier, sample_rate, steps)
-        epsilon = self.spent(delta)
-        last = self.entries[-1] if self.entries else None
-        if (
-            last is not None
-            and last.run_id == run_id
-            and last.noise_multiplier == noise_multiplier
-            and last.sample_rate == sample_rate
-        ):
-            last.steps += steps
-            last.rounds += 1
-            last.epsilon_after = epsilon
-            last.delta = delta
-            last.updated = time.time()
-        elif steps > 0:
-            self.entries.append(
-                LedgerEntry(run_id, float(noise_multiplier), float(sample_rate), int(steps), 1,
-                            epsilon, float(delta), time.time())
-            )
-        self.delta = float(delta)
-        if epsilon_budget is not None:
-            self.epsilon_budget = float(epsilon_budget)
-        self.save()
-        return epsilon
+    def _unit_set(self, cases: Sequence[Sequence[str]]) -> int:
+        keys = tuple(sorted({k for keys in cases for k in keys}))
+        if not keys or not all(_UNIT_RE.match(k) for k in keys):
+            raise ValueError("a release needs the hashed unit keys of its cases (privacy.units.case_units)")
+        if keys not in self.unit_sets:
+            self.unit_sets.append(keys)
+        return self.unit_sets.index(keys)
 
     def reserve(
-        self, run_id: str, noise_multiplier: float, sample_rate: float, steps: int,
-        epsilon_budget: float, delta: float,
-    ) -> str | None:
-        """Book ``steps`` planned steps before a round; returns a reservation id.
-
-        Returns None (and books nothing) if they would push the lifetime epsilon over the budget.
-        """
+        self, run_id: str, cases: Sequence[Sequence[str]], noise_multiplier: float, sample_rate: float,
+        steps: int, *, epsilon_budget: float, delta: float, study_epsilon: float | None = None,
+    ) -> tuple[str | None, str | None]:
+        """Book ``steps`` planned steps: ``(reservation id, None)``, or ``(None, "lifetime"|"study")``."""
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
+        if not _RUN_RE.match(run_id):
+            raise ValueError(f"run id {run_id!r}: letters, digits, '.', '_', ':', '-' only")
         with _locked(self.path):
             self.reload()
-            if self.would_exceed(noise_multiplier, sample_rate, steps, epsilon_budget, delta):
-                return None
-            reservation = hashlib.sha256(
-                f"{run_id}:{time.time_ns()}:{os.getpid()}:{self.total_steps}".encode()
-            ).hexdigest()[:16]
-            self.pending.append({
-                "id": reservation, "run_id": run_id, "noise_multiplier": float(noise_multiplier),
-                "sample_rate": float(sample_rate), "steps": int(steps),
-            })
-            self.delta = float(delta)
-            self.epsilon_budget = float(epsilon_budget)
+            over = self.excess(cases, (noise_multiplier, sample_rate, steps), epsilon_budget=epsilon_budget,
+                               delta=delta, run_id=run_id, study_epsilon=study_epsilon)
+            if over is not None:
+                return None, over
+            reservation = secrets.token_hex(8)
+            self.releases.append(Release(
+                reservation, run_id, self._unit_set(cases), float(noise_multiplier), float(sample_rate),
+                int(steps), 0, True, None if study_epsilon is None else float(study_epsilon), time.time(),
+            ))
+            self.epsilon_budget, self.delta = float(epsilon_budget), float(delta)
             self.save()
-        return reservation
+        return reservation, None
 
-    def settle(self, reservation: str, steps: int, delta: float) -> float:
-        """Replace a reservation by the ``steps`` actually taken; returns lifetime epsilon after."""
+    def settle(self, reservation: str, steps: int) -> None:
+        """Replace a reservation by the ``steps`` actually taken (merged into the run's last release)."""
         with _locked(self.path):
             self.reload()
-            booked = [p for p in self.pending if p["id"] == reservation]
-            if not booked:
-                raise LedgerError(f"{self.path}: no pending reservation {reservation!r}")
-            if steps > booked[0]["steps"]:
-                raise ValueError(f"{steps} steps taken but only {booked[0]['steps']} were reserved")
-            self.pending = [p for p in self.pending if p["id"] != reservation]
-            return self._record_locked(
-                booked[0]["run_id"], booked[0]["noise_multiplier"], booked[0]["sample_rate"], steps, delta, None
-            )
+            at = next((i for i, r in enumerate(self.releases) if r.id == reservation and r.open), None)
+            if at is None:
+                raise LedgerError(f"{self.path}: no open reservation {reservation!r}")
+            booked = self.releases[at]
+            if not 0 <= steps <= booked.steps:
+                raise ValueError(f"{steps} steps taken but {booked.steps} were reserved")
+            booked.steps, booked.rounds, booked.open, booked.updated = int(steps), 1, False, time.time()
+            prior = next((r for r in reversed(self.releases[:at]) if not r.open and r.run_id == booked.run_id), None)
+            if prior is not None and (prior.noise_multiplier, prior.sample_rate, prior.units) == (
+                booked.noise_multiplier, booked.sample_rate, booked.units
+            ):
+                prior.steps, prior.rounds, prior.updated = prior.steps + booked.steps, prior.rounds + 1, booked.updated
+                del self.releases[at]
+            self.save()
 
-    def _append_history(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        history = self.history
-        if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
-            history[-1] = (history[-1][0], history[-1][1], history[-1][2] + int(steps))
-        else:
-            history.append((float(noise_multiplier), float(sample_rate), int(steps)))
-        self.accountant.history = history
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """Opacus' RDP of one step at the accountant's default orders (the slow part: cached)."""
-    rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-    )
-    rdp.setflags(write=False)
-    return rdp
-
-
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, mechanism: str = DEFAULT_MECHANISM) -> float:
-    """Epsilon of an accountant history at ``delta``, as Opacus' accountant computes it.
-
-    For RDP this is exactly ``RDPAccountant.get_privacy_spent`` (same orders, same functions; RDP
-    is linear in the steps), with the per-step RDP of each (sigma, q) cached, since calibration
-    evaluates many histories that share a prefix.
-    """
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if not history:
-        return 0.0
-    if mechanism == "rdp":
-        rdp = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "optimal order is the largest alpha" for tiny epsilons
-            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return float(eps)
-    accountant = create_accountant(mechanism=mechanism)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta=delta))
-
-
-def format_ledger(ledger: PrivacyLedger, epsilon_budget: float | None = None, delta: float | None = None) -> str:
-    """Human-readable table of a ledger: one line per run segment, then the totals."""
-    budget = epsilon_budget if epsilon_budget is not None else ledger.epsilon_budget
-    delta = delta if delta is not None else ledger.delta
-    lines = [f"Privacy ledger {ledger.path}", f"dataset {ledger.dataset_id}  accountant {ledger.mechanism}"]
-    header = f"{'run':<28} {'rounds':>6} {'steps':>7} {'sigma':>9} {'q':>8} {'eps after':>10}"
-    lines += [header, "-" * len(header)]
-    for e in ledger.entries:
-        lines.append(
-            f"{e.run_id[:28]:<28} {e.rounds:>6} {e.steps:>7} {e.noise_multiplier:>9.4f} "
-            f"{e.sample_rate:>8.4f} {e.epsilon_after:>10.3f}"
-        )
-    for p in ledger.pending:
-        lines.append(
-            f"{p['run_id'][:28]:<28} {'(open)':>6} {p['steps']:>7} {p['noise_multiplier']:>9.4f} "
-            f"{p['sample_rate']:>8.4f} {'counted':>10}"
-        )
-    if not ledger.entries and not ledger.pending:
-        lines.append("(no DP training recorded)")
-    lines.append("-" * len(header))
-    spent = ledger.spent(delta) if delta else 0.0
-    budget_txt = f"{budget:.3f}" if budget is not None else "unknown"
-    delta_txt = f"{delta:.3g}" if delta else "unknown"
-    lines.append(f"total steps {ledger.total_steps}; epsilon spent {spent:.3f} of {budget_txt} (delta {delta_txt})")
-    return "\n".join(lines)
-
-
-def ledger_summary(ledger: PrivacyLedger, epsilon_budget: float | None = None, delta: float | None = None) -> dict:
-    """JSON-ready summary of a ledger (for ``privacy show --json``)."""
-    budget = epsilon_budget if epsilon_budget is not None else ledger.epsilon_budget
-    delta = delta if delta is not None else ledger.delta
-    spent = ledger.spent(delta) if delta else None
-    return {
-        "dataset_id": ledger.dataset_id,
-        "path": str(ledger.path),
-        "mechanism": ledger.mechanism,
-        "epsilon_budget": budget,
-        "delta": delta,
-        "epsilon_spent": spent,
-        "epsilon_remaining": (max(0.0, budget - spent) if budget is not None and spent is not None else None),
-        "total_steps": ledger.total_steps,
-        "runs": [e.to_json() for e in ledger.entries],
-        "open_rounds": [dict(p) for p in ledger.pending],
-    }
+    def absorb_v1(self, old: V1Ledger, cases: Sequence[Sequence[str]], file_digest: str) -> None:
+        """Charge a version-1 ledger's whole history to ``cases`` (each of them spent all of it)."""
+        with _locked(self.path):
+            self.reload()
+            if any(m.get("sha256") == file_digest for m in self.migrated):
+                return  # already absorbed (a crash before the old file was renamed)
+            if self._expected_mechanism not in (None, old.mechanism) or (self.releases and old.mechanism != self.mechanism):
+                raise LedgerError(f"{old.path}: accountant {old.mechanism!r} does not match {self.mechanism!r}")
+            self.mechanism = old.mechanism
+            units = self._unit_set(cases)
+            for run_id, sigma, q, steps in old.segments:
+                run = run_id if _RUN_RE.match(run_id) else "v1-run"
+                self.releases.append(Release(secrets.token_hex(8), run, units, sigma, q, steps, 0, False, None, time.time()))
+            self.migrated.append({"file": old.path.name, "sha256": file_digest, "cases": len(cases),
+                                  "steps": sum(s[3] for s in old.segments), "when": time.time()})
+            self.save()

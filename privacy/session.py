@@ -7,12 +7,19 @@ all later rounds. Use::
 
     session = DPSiteSession(model=model, optimizer=opt, train_loader=loader,
                             settings=DPSettings.from_node_config(node_config, n_cases),
-                            state_dir=state_dir, dataset_id=dataset_id_for(data_path),
-                            run_id=str(run_id), rounds=num_server_rounds, local_epochs=epochs, seed=seed)
+                            state_dir=state_dir, cases=case_units(data_path, case_names),
+                            data_path=data_path, run_id=str(run_id), rounds=num_server_rounds,
+                            local_epochs=epochs, seed=seed, study_epsilon=asked_or_None)
     # every round:
     session.module.load_state_dict(global_weights)      # the plain nn.Module, in place
-    refusal = session.begin_round()                      # None, or a reason string
-    if refusal: ...reply "refused" with 0 examples...
+    refusal = session.begin_round()                      # None, or a reason code (REFUSAL_CODES)
+    if refusal: ...reply "refused" with 0 examples; session.refusal_detail says why...
+
+Budget: the site's lifetime ``dp-epsilon`` bounds what any one case (or patient) ever spends,
+over all studies (:mod:`privacy.ledger`); each study gets a share of it, ``study_epsilon`` (the
+coordinator's ``dp-study-epsilon``; by default DEFAULT_STUDY_FRACTION of the lifetime budget),
+and the noise is calibrated so the study's planned steps spend that share, or what the
+worst-off case has left if that is less.
     for _ in range(local_epochs):
         for batch in session.train_loader:               # Poisson-sampled; batch size varies, may be 0
             if session.is_empty_batch(batch):
@@ -37,8 +44,7 @@ import math
 import os
 import secrets
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,70 +55,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedimaging.io import atomic_write_bytes
+from privacy.accounting import epsilon_of
 from privacy.calibrate import BudgetExhausted, calibrate_noise_multiplier, planned_steps
-from privacy.ledger import DEFAULT_MECHANISM, PrivacyLedger, default_delta
-
-GRAD_SAMPLE_MODES = ("functorch", "hooks", "ew")
-DEFAULT_GRAD_SAMPLE_MODE = "functorch"
-"""Fastest correct Opacus mode for 3D conv nets on CPU (see bench/privacy_speed.py)."""
-
-
-def default_state_dir(data_path: str | os.PathLike) -> Path:
-    """Site-private state folder when ``state-dir`` is not set: ``<data-path>/private/state``."""
-    return Path(data_path) / "private" / "state"
-
-
-@dataclass(frozen=True)
-class DPSettings:
-    """A site's DP settings (node config ``dp-epsilon``, ``dp-delta``, ``dp-max-grad-norm``)."""
-
-    epsilon: float
-    delta: float
-    max_grad_norm: float = 1.0
-    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
-    mechanism: str = DEFAULT_MECHANISM
-    max_noise_multiplier: float = 10.0
-    """Refuse to train when the remaining budget needs more noise than this: such updates are
-    nearly pure noise and would only drag the federated average down."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"dp-epsilon must be a positive number, got {self.epsilon!r}")
-        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
-            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta!r}")
-        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
-            raise ValueError(f"dp-max-grad-norm must be positive, got {self.max_grad_norm!r}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}")
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], num_training_cases: int) -> DPSettings | None:
-        """Settings from a site's node config; None when ``dp-epsilon`` is absent or empty (no DP).
-
-        ``dp-delta`` defaults to ``min(1e-5, 1/(10 N))`` for N training cases; a configured delta
-        that is not below 1/N is rejected (it would allow leaking a whole case).
-        """
-        raw_eps = node_config.get("dp-epsilon")
-        if raw_eps in (None, ""):
-            return None
-
-        def number(key: str, value: Any) -> float:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"node config {key} must be a number, got {value!r}") from None
-
-        eps = number("dp-epsilon", raw_eps)
-        raw_delta = node_config.get("dp-delta")
-        delta = default_delta(num_training_cases) if raw_delta in (None, "") else number("dp-delta", raw_delta)
-        if delta >= 1.0 / num_training_cases:
-            raise ValueError(
-                f"node config dp-delta={delta} must be below 1/N = {1.0 / num_training_cases:.3g} "
-                f"(N = {num_training_cases} training cases); leave it unset for min(1e-5, 1/(10N))"
-            )
-        raw_clip = node_config.get("dp-max-grad-norm")
-        clip = 1.0 if raw_clip in (None, "") else number("dp-max-grad-norm", raw_clip)
-        return cls(epsilon=eps, delta=delta, max_grad_norm=clip)
+from privacy.migrate import open_for_training
+from privacy.settings import (  # noqa: F401  (re-exported: privacy.session is the public entry)
+    DEFAULT_GRAD_SAMPLE_MODE,
+    DEFAULT_STUDY_FRACTION,
+    EPSILON_SLACK,
+    GRAD_SAMPLE_MODES,
+    REFUSAL_CODES,
+    DPSettings,
+    default_state_dir,
+    study_share,
+)
 
 
 class StepResult(NamedTuple):
@@ -147,8 +102,9 @@ class DPSiteSession:
     Attributes the training loop uses: ``module`` (the plain nn.Module: load global weights into
     it with ``load_state_dict``, read ``state_dict()`` from it), ``model`` (the Opacus wrapper to
     call in training), ``optimizer`` (the DPOptimizer), ``train_loader`` (Poisson sampling).
-    ``noise_multiplier`` and ``sample_rate`` are fixed for the run. ``refusal`` is set when the
-    budget cannot pay for this run at all.
+    ``noise_multiplier`` and ``sample_rate`` are fixed for the run. ``refusal`` (a REFUSAL_CODES
+    key, ``refusal_detail`` the numbers) is set when the budget cannot pay for this run at all.
+    ``cases`` are the hashed privacy units of the loader's samples, in order (one per case).
     """
 
     def __init__(
@@ -159,18 +115,25 @@ class DPSiteSession:
         train_loader: DataLoader,
         settings: DPSettings,
         state_dir: str | os.PathLike,
-        dataset_id: str,
+        cases: Sequence[Sequence[str]],
         run_id: str,
         rounds: int,
         local_epochs: int,
         seed: int = 0,
         noise_seed: int | None = None,
+        study_epsilon: float | None = None,
+        data_path: str | os.PathLike | None = None,
     ):
         self.settings = settings
         self.state_dir = Path(state_dir)
         self.run_id = str(run_id)
         self.local_epochs = int(local_epochs)
-        self.ledger = PrivacyLedger.load(self.state_dir, dataset_id, settings.mechanism)
+        self.cases = [tuple(keys) for keys in cases]
+        samples = len(train_loader.dataset) if hasattr(train_loader.dataset, "__len__") else len(self.cases)
+        if not self.cases or samples != len(self.cases):
+            raise ValueError(f"{len(self.cases)} privacy units for {samples} training samples: one per case needed")
+        self.study_epsilon = study_share(study_epsilon, settings.epsilon)
+        self.ledger = open_for_training(self.state_dir, data_path, self.cases, settings.mechanism)
         if noise_seed is None:
             noise_seed = _derive_seed(_site_secret(self.state_dir), seed, self.run_id, self.ledger.total_steps)
         device = next(model.parameters()).device  # noise is drawn where the gradients live
@@ -205,24 +168,32 @@ class DPSiteSession:
         self.steps_per_epoch = len(self.train_loader)
         self.planned_steps = planned_steps(rounds, self.local_epochs, self.steps_per_epoch)
         self.refusal: str | None = None
+        self.refusal_detail = ""
+        lifetime_spent, study_spent = self.spent(reload=False), self.study_spent()
         try:
             self.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=settings.epsilon,
+                constraints=[(h, settings.epsilon) for h in self.ledger.case_histories(self.cases)]
+                + [(self.ledger.study_history(self.run_id), self.study_epsilon)],
                 delta=settings.delta,
                 sample_rate=self.sample_rate,
                 steps=self.planned_steps,
-                history=self.ledger.charged_history,
                 mechanism=settings.mechanism,
             )
-        except BudgetExhausted as exc:
+        except BudgetExhausted:
             self.noise_multiplier = math.inf
-            self.refusal = str(exc)
-        if self.refusal is None and self.noise_multiplier > settings.max_noise_multiplier:
-            self.refusal = (
-                f"privacy budget too small for useful training: epsilon "
-                f"{self.ledger.spent(settings.delta):.3f} of {settings.epsilon:.3f} spent, the "
-                f"{self.planned_steps} planned steps would need noise multiplier "
-                f"{self.noise_multiplier:.1f} > {settings.max_noise_multiplier:g}"
+        # Calibration lands up to EPSILON_SLACK below a target: what is left then is nothing.
+        if lifetime_spent >= settings.epsilon - EPSILON_SLACK:
+            self.refusal = "privacy-budget-exhausted"
+        elif study_spent >= self.study_epsilon - EPSILON_SLACK:
+            self.refusal = "privacy-study-share-spent"
+        elif self.noise_multiplier > settings.max_noise_multiplier:
+            self.refusal = "privacy-budget-too-small"
+        if self.refusal is not None:
+            self.refusal_detail = (
+                f"{REFUSAL_CODES[self.refusal]}: worst case epsilon {lifetime_spent:.3f} of the lifetime "
+                f"{settings.epsilon:.3f}, this study {study_spent:.3f} of its share {self.study_epsilon:.3f}; "
+                f"{self.planned_steps} planned steps would need noise multiplier {self.noise_multiplier:.1f} "
+                f"(at most {settings.max_noise_multiplier:g})"
             )
         self.optimizer.noise_multiplier = self.noise_multiplier
         self._reservation: str | None = None
@@ -256,16 +227,18 @@ class DPSiteSession:
             return self.refusal
         epochs = self.local_epochs if local_epochs is None else int(local_epochs)
         steps = epochs * self.steps_per_epoch
-        reservation = self.ledger.reserve(
-            self.run_id, self.noise_multiplier, self.sample_rate, steps, self.settings.epsilon, self.settings.delta
+        reservation, over = self.ledger.reserve(
+            self.run_id, self.cases, self.noise_multiplier, self.sample_rate, steps,
+            epsilon_budget=self.settings.epsilon, delta=self.settings.delta, study_epsilon=self.study_epsilon,
         )
         if reservation is None:
-            spent = self.ledger.spent(self.settings.delta)
-            after = self.ledger.epsilon_if(self.noise_multiplier, self.sample_rate, steps, self.settings.delta)
-            return (
-                f"privacy budget would be exceeded: epsilon spent {spent:.3f}, this round's {steps} steps "
-                f"would bring it to {after:.3f} > budget {self.settings.epsilon:.3f}"
+            code = "privacy-budget-exhausted" if over == "lifetime" else "privacy-study-share-spent"
+            self.refusal_detail = (
+                f"{REFUSAL_CODES[code]}: this round's {steps} steps would exceed it (worst case epsilon "
+                f"{self.spent():.3f} of {self.settings.epsilon:.3f}, study {self.study_spent():.3f} of "
+                f"{self.study_epsilon:.3f})"
             )
+            return code
         self._reservation = reservation
         self._allowed_steps = steps
         self._round_start_steps = self._accountant_steps()
@@ -340,22 +313,30 @@ class DPSiteSession:
     def end_round(self) -> dict[str, float]:
         """Settle the round in the ledger (saved to disk); returns the metrics to report.
 
-        ``dp-epsilon-spent`` is the lifetime epsilon of this dataset (all runs), not per round.
+        ``dp-epsilon-spent`` is the lifetime epsilon of the worst-off training case (all studies),
+        ``dp-study-epsilon-spent`` what this study spent of its share ``dp-study-epsilon``.
         """
         if self._reservation is None:
             raise RuntimeError("end_round called without begin_round")
         steps = self._accountant_steps() - self._round_start_steps
-        epsilon = self.ledger.settle(self._reservation, steps, self.settings.delta)
+        self.ledger.settle(self._reservation, steps)
         self._reservation = None
         return {
-            "dp-epsilon-spent": epsilon,
+            "dp-epsilon-spent": self.spent(reload=False),
+            "dp-study-epsilon-spent": self.study_spent(),
+            "dp-study-epsilon": float(self.study_epsilon),
             "dp-noise-multiplier": float(self.noise_multiplier),
             "dp-sample-rate": float(self.sample_rate),
             "dp-delta": float(self.settings.delta),
             "dp-steps": float(steps),
         }
 
-    def spent(self) -> float:
-        """Lifetime epsilon charged to this dataset now (re-read from disk)."""
-        self.ledger.reload()
-        return self.ledger.spent(self.settings.delta)
+    def spent(self, reload: bool = True) -> float:
+        """Lifetime epsilon of the worst-off of this run's training cases (re-read from disk)."""
+        if reload:
+            self.ledger.reload()
+        return self.ledger.spent(self.cases, self.settings.delta)
+
+    def study_spent(self) -> float:
+        """Epsilon this study (run) has spent at this site so far, open rounds included."""
+        return epsilon_of(self.ledger.study_history(self.run_id), self.settings.delta, self.settings.mechanism)

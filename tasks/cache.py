@@ -287,20 +287,30 @@ def _persistent_dataset_class():
             self._memory: dict[int, Any] = {}
             self._has_random = first_random is not None
 
+        def build_missing(self) -> None:
+            """Build the entries not on disk yet (existing ones are verified when read)."""
+            for index, key in enumerate(self.keys):
+                if index not in self._memory and not self.cache.entry(key).is_file():
+                    self._prefix(index)
+
+        def _prefix(self, index: int) -> dict:
+            began = time.perf_counter()
+            prefix = self.cache.load(self.keys[index])
+            if prefix is None:
+                self.cache.misses += 1
+                prefix = plain(self._pre_transform(copy.deepcopy(self.data[index])))
+                self.cache.store(self.keys[index], prefix)
+            else:
+                self.cache.hits += 1
+            if len(self._memory) < self.memory_items:
+                self._memory[index] = prefix
+            self.cache.seconds += time.perf_counter() - began
+            return prefix
+
         def _transform(self, index: int):
             prefix = self._memory.get(index)
             if prefix is None:
-                began = time.perf_counter()
-                prefix = self.cache.load(self.keys[index])
-                if prefix is None:
-                    self.cache.misses += 1
-                    prefix = plain(self._pre_transform(copy.deepcopy(self.data[index])))
-                    self.cache.store(self.keys[index], prefix)
-                else:
-                    self.cache.hits += 1
-                if len(self._memory) < self.memory_items:
-                    self._memory[index] = prefix
-                self.cache.seconds += time.perf_counter() - began
+                prefix = self._prefix(index)
             if self._has_random:
                 return self._post_transform(copy.deepcopy(prefix))
             return prefix

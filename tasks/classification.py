@@ -28,7 +28,7 @@ from monai.transforms import (
 from torch import nn
 from torch.nn import functional as F
 
-from data_prep.site_dataset import SiteDataset
+from data_prep.site_dataset import DatasetError, SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
 from tasks.data import SiteData, cached_site_data, seeded_generator
 from tasks.segmentation import check_channels, image_item, preprocessing
@@ -109,11 +109,11 @@ class ClassificationTask(Task):
 
     def prepare_site(self, dataset: SiteDataset) -> SiteData:
         if dataset.kind != "classification":
-            raise ValueError(
+            raise DatasetError(
                 f"{dataset.root}: task 'classification' needs class indices, dataset has {dataset.kind} labels"
             )
         if max(dataset.labels.values()) >= self.num_classes or min(dataset.labels.values()) < 0:
-            raise ValueError(
+            raise DatasetError(
                 f"{dataset.root}: classes {dataset.labels} do not fit the model's {self.num_classes} outputs"
             )
         s = self.settings

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from data_prep.site_dataset import Case
+from data_prep.site_dataset import Case, DatasetError
 
 
 def estimated_bytes(cases: tuple[Case, ...], spacing: tuple[float, float, float], channels: int = 2) -> int:
@@ -108,16 +108,24 @@ def cached_site_data(
 
     budget = budget_mb // 2 if test_items else budget_mb
     disk = active()
-    if disk is not None:  # persistent cache under state-dir (tasks.cache); memory holds what fits the budget
-        def dataset_for(items, transform, cases):
-            return cached_dataset(disk, items, transform, int(len(items) * cache_rate_for(cases, spacing, budget, channels)))
+    try:
+        if disk is not None:  # persistent cache under state-dir (tasks.cache); memory holds what fits the budget
+            def dataset_for(items, transform, cases):
+                ds = cached_dataset(disk, items, transform,
+                                    int(len(items) * cache_rate_for(cases, spacing, budget, channels)))
+                ds.build_missing()  # cases not cached yet are read now, so a corrupt one is reported here
+                return ds
 
-        test = dataset_for(test_items, test_transform, dataset.test) if test_items else None
-        return SiteData(dataset_for(train_items, train_transform, dataset.training), test, len(train_items), modality)
-    train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
-                         cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
-    test = None
-    if test_items:
-        test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
-                            cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+            train = dataset_for(train_items, train_transform, dataset.training)
+            test = dataset_for(test_items, test_transform, dataset.test) if test_items else None
+        else:
+            train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
+                                 cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
+            test = None
+            if test_items:
+                test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
+                                    cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+    except Exception as exc:  # noqa: BLE001 - corrupt voxels surface only when MONAI reads them
+        raise DatasetError(f"{dataset.root}: a case could not be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
     return SiteData(train, test, len(train_items), modality)

@@ -32,7 +32,7 @@ from monai.transforms import (
 )
 from torch import nn
 
-from data_prep.site_dataset import SiteDataset
+from data_prep.site_dataset import DatasetError, SiteDataset
 from tasks.channels import normalization
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
 from tasks.data import SiteData, cached_site_data, seeded_generator
@@ -105,9 +105,9 @@ class SegmentationTask(Task):
 
     def prepare_site(self, dataset: SiteDataset) -> SiteData:
         if dataset.kind != "segmentation":
-            raise ValueError(f"{dataset.root}: task 'segmentation' needs label maps, dataset has {dataset.kind} labels")
+            raise DatasetError(f"{dataset.root}: task 'segmentation' needs label maps, dataset has {dataset.kind} labels")
         if max(dataset.labels.values()) >= self.num_classes:
-            raise ValueError(
+            raise DatasetError(
                 f"{dataset.root}: labels {dataset.labels} need more than the model's {self.num_classes} classes"
             )
         s = self.settings

@@ -238,7 +238,7 @@ def test_undeclared_class_index_is_named(tmp_path, bad):
 def test_bad_labels_and_channels(tmp_path):
     root = make_site(tmp_path / "s", labels={"background": "zero"})
     assert "'labels' must map names to integer values" in _error(root)
-    root = make_site(tmp_path / "t", channel_names={"0": "CT", "1": "PET"})
+    root = make_site(tmp_path / "t", channel_names={"0": "CT", "1": "T2"})
     assert "channel 1: file" in _error(root) and "does not exist" in _error(root)  # no <case>_0001 file
     root = make_site(tmp_path / "v", channel_names={"0": "CT", "2": "PET"})
     assert "channel indices" in _error(root)

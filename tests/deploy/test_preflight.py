@@ -102,4 +102,8 @@ def test_start_superlink_and_register_name_missing_files(deployment: Path, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     res = _run([str(DEPLOY / "register-sites.sh"), str(empty)])
+    assert res.returncode == 2 and "flwr-home/config.toml is missing" in res.stderr
+    (empty / "flwr-home").mkdir()
+    (empty / "flwr-home" / "config.toml").write_bytes((link / "flwr-home" / "config.toml").read_bytes())
+    res = _run([str(DEPLOY / "register-sites.sh"), str(empty)])
     assert res.returncode == 2 and "no public keys" in res.stderr

@@ -11,6 +11,7 @@ round takes 20-60 s there: the tests use a tiny model and few rounds.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -122,10 +123,19 @@ def test_unregistered_or_untrusting_supernodes_cannot_join(make_federation, data
     sites = {"site-a": datasets["site-a"], "site-b": datasets["site-b"]}
     fed = make_federation(sites)
     fed.start_superlink()
-    reg = fed.register(["site-a"])  # site-b's key is never registered
+    # a shell whose FLWR_HOME points at a local (simulation) connection: the script ignores it
+    hostile = fed.workdir / "hostile-flwr-home"
+    hostile.mkdir()
+    (hostile / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    reg = fed.register(["site-a"], FLWR_HOME=str(hostile))  # site-b's key is never registered
     assert reg.returncode == 0, reg.stdout + reg.stderr
+    assert "registered site-a: node " in reg.stdout and f"(127.0.0.1:{fed.port})" in reg.stdout
+    assert [p.name for p in hostile.iterdir()] == ["config.toml"]
     again = fed.register(["site-a"])  # idempotent
     assert again.returncode == 0 and "already registered: site-a" in again.stdout
+    listed = fed.list_sites()
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"\d+\s+registered\s+site-a\b", listed.stdout) and "site-b" not in listed.stdout
 
     good = fed.start_site("site-a")
     fed.wait_for_log(good, "SuperNode ID", 120)
@@ -141,6 +151,9 @@ def test_unregistered_or_untrusting_supernodes_cannot_join(make_federation, data
     assert unregistered.wait(120) not in (None, 0), unregistered.log()
     assert no_ca.wait(120) not in (None, 0), no_ca.log()
     assert "Failed to activate SuperNode" in unregistered.log()
+    # start-site.sh says what it means and what to do
+    assert "does not\nknow this site's key" in unregistered.log()
+    assert str(fed.site_dir("site-b") / "auth.key.pub") in unregistered.log()
     assert "CERTIFICATE_VERIFY_FAILED" in no_ca.log()
     assert "SuperNode ID" not in unregistered.log() and "SuperNode ID" not in no_ca.log()
     assert good.alive()

@@ -194,6 +194,38 @@ def test_output_inside_input_is_refused(tmp_path, capsys):
     assert "inside" in capsys.readouterr().err and not (src / "out").exists()
 
 
+def test_a_folder_the_importer_does_not_own_is_never_written(tmp_path, capsys):
+    """An nnU-Net dataset given as OUTPUT keeps its dataset.json and images, even with --force."""
+    src = _msd(tmp_path / "in", 2)
+    foreign = _msd(tmp_path / "nnunet", 1)
+    before = tree_digest(foreign)
+    for extra in ([], ["--force"]):
+        assert import_main([str(src), str(foreign), *extra]) == 2
+        assert "not written by fedimaging" in capsys.readouterr().err
+    assert tree_digest(foreign) == before
+
+
+def test_nothing_importable_never_empties_an_existing_dataset(tmp_path):
+    src = _msd(tmp_path / "in", 2)
+    assert import_dataset(src, tmp_path / "out").exit_code == 0
+    before = tree_digest(tmp_path / "out")
+    for i in range(2):  # every label now has another shape than its image
+        _save(src / "labelsTr" / f"pat_{i:03d}.nii.gz", np.zeros((8, 7, 5), np.uint8))
+    result = import_dataset(src, tmp_path / "out")
+    assert result.exit_code == 3 and result.nothing_converted
+    assert tree_digest(tmp_path / "out") == before
+    assert len(load_site_dataset(tmp_path / "out").training) == 2
+
+
+def test_unknown_channel_names_are_refused_before_writing(tmp_path, capsys):
+    src = _msd(tmp_path / "in", 1)
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["modality"] = {"0": "PET"}
+    (src / "dataset.json").write_text(json.dumps(meta))
+    assert import_main([str(src), str(tmp_path / "out")]) == 2
+    assert "'PET'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 PLANTED = ["Doe^Jonathan", "MRN7734129", "19610423", "Saint Elsewhere", "ACC55120987", "Kildare^Xavier"]
 
 

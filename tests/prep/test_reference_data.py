@@ -123,7 +123,7 @@ def test_rgb_secondary_capture_skipped(tmp_path):
     result, report = _prep(dicom2nifti_dir() / "generic/rgb/001", tmp_path / "out")
     assert report["series"][0]["status"] == "skipped"
     assert report["series"][0]["reason"] == "secondary_capture"
-    assert result.exit_code == 0
+    assert result.exit_code == 3 and result.nothing_converted  # no image volume: not a success
 
 
 def test_dcm2niix_available_for_comparisons():

@@ -85,7 +85,8 @@ def test_truncated_file_fails_only_its_series(tmp_path):
     rep = _report(tmp_path / "out")
     by_status = {(s["status"], s.get("reason")) for s in rep["series"]}
     assert ("rejected", "pixel_decode_failed") in by_status
-    assert result.exit_code == 3
+    assert result.exit_code == 3 and result.nothing_converted  # a report, but no empty dataset.json
+    assert not (tmp_path / "out" / "dataset.json").exists()
     # The same run with CT chosen converts the intact CT file.
     result = prepare_site(src, tmp_path / "out_ct", modality="CT")
     assert len(prepared_images(tmp_path / "out_ct")) == 1

@@ -1,4 +1,5 @@
-"""PrivacyLedger: epsilon matches an independent Opacus accountant, persists, refuses bad files."""
+"""PrivacyLedger (version 2): per-case epsilon matches an independent Opacus accountant, composes
+over every release a case or patient was in, persists, and refuses files it cannot trust."""
 
 from __future__ import annotations
 
@@ -7,15 +8,8 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from privacy.ledger import (
-    LedgerError,
-    PrivacyLedger,
-    dataset_id_for,
-    dataset_id_from_training_list,
-    default_delta,
-    format_ledger,
-    ledger_path,
-)
+from privacy.ledger import LedgerError, PrivacyLedger, default_delta
+from privacy.units import unit_key
 
 DELTA = 1e-5
 
@@ -29,114 +23,141 @@ def independent_epsilon(segments, delta=DELTA):
     return acc.get_epsilon(delta=delta)
 
 
-def test_empty_ledger_spends_nothing(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds1")
-    assert ledger.spent(DELTA) == 0.0
-    assert ledger.total_steps == 0
-    assert not ledger_path(tmp_path, "ds1").exists()
+def cases(*names, subjects=None):
+    subjects = subjects or {}
+    return [tuple([unit_key("case", n)] + ([unit_key("subject", subjects[n])] if n in subjects else [])) for n in names]
 
 
-def test_epsilon_matches_independent_accountant_and_persists_across_restart(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds1")
-    eps1 = ledger.record("run-a", 1.1, 0.25, 12, DELTA, epsilon_budget=8.0)
-    assert eps1 == pytest.approx(independent_epsilon([(1.1, 0.25, 12)]), rel=1e-9)
-    eps2 = ledger.record("run-a", 1.1, 0.25, 8, DELTA)
-    assert eps2 == pytest.approx(independent_epsilon([(1.1, 0.25, 20)]), rel=1e-9)
-
-    # "restart": a fresh object reads the same spend from disk
-    again = PrivacyLedger.load(tmp_path, "ds1")
-    assert again.spent(DELTA) == pytest.approx(eps2, rel=1e-12)
-    assert again.total_steps == 20
-    assert [(e.run_id, e.steps, e.rounds) for e in again.entries] == [("run-a", 20, 2)]
-    assert again.epsilon_budget == 8.0
-
-    # a second run on the same dataset adds to the same lifetime total
-    eps3 = again.record("run-b", 0.9, 0.2, 15, DELTA)
-    expected = independent_epsilon([(1.1, 0.25, 20), (0.9, 0.2, 15)])
-    assert eps3 == pytest.approx(expected, rel=1e-9)
-    assert eps3 > eps2
-    assert PrivacyLedger.load(tmp_path, "ds1").spent(DELTA) == pytest.approx(expected, rel=1e-9)
-    # another dataset has its own ledger
-    assert PrivacyLedger.load(tmp_path, "ds2").spent(DELTA) == 0.0
+def spend(ledger, run, units, sigma, q, steps, budget=1e6, study=None):
+    rid, over = ledger.reserve(run, units, sigma, q, steps, epsilon_budget=budget, delta=DELTA, study_epsilon=study)
+    assert over is None, over
+    ledger.settle(rid, steps)
 
 
-def test_stale_ledger_objects_do_not_lose_spend(tmp_path):
-    """Two runs holding the ledger open at once: record() re-reads the file, both spends count."""
-    a = PrivacyLedger.load(tmp_path, "ds")
-    b = PrivacyLedger.load(tmp_path, "ds")
-    a.record("run-a", 1.0, 0.1, 10, DELTA)
-    b.record("run-b", 1.0, 0.1, 10, DELTA)
-    assert PrivacyLedger.load(tmp_path, "ds").total_steps == 20
+def test_empty_ledger_spends_nothing_and_writes_nothing(tmp_path):
+    ledger = PrivacyLedger.load(tmp_path)
+    assert ledger.spent(cases("a"), DELTA) == 0.0 and ledger.total_steps == 0
+    assert not (tmp_path / "privacy").exists()
 
 
-def test_would_exceed(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds")
-    ledger.record("r", 1.0, 0.2, 50, DELTA)
-    spent = ledger.spent(DELTA)
-    after = independent_epsilon([(1.0, 0.2, 60)])
-    assert not ledger.would_exceed(1.0, 0.2, 10, after * 1.001, DELTA)
-    assert ledger.would_exceed(1.0, 0.2, 10, (spent + after) / 2, DELTA)
+def test_per_case_epsilon_composes_over_the_releases_each_case_was_in(tmp_path):
+    ledger = PrivacyLedger.load(tmp_path)
+    spend(ledger, "run-a", cases("a", "b"), 1.1, 0.25, 12)
+    spend(ledger, "run-b", cases("b", "c"), 0.9, 0.2, 15)
+    again = PrivacyLedger.load(tmp_path)  # a restart reads the same from disk
+    only_a = independent_epsilon([(1.1, 0.25, 12)])
+    both = independent_epsilon([(1.1, 0.25, 12), (0.9, 0.2, 15)])
+    only_c = independent_epsilon([(0.9, 0.2, 15)])
+    assert again.spent(cases("a"), DELTA) == pytest.approx(only_a, rel=1e-9)
+    assert again.spent(cases("b"), DELTA) == pytest.approx(both, rel=1e-9)  # in both trainings: composes
+    assert again.spent(cases("c"), DELTA) == pytest.approx(only_c, rel=1e-9)
+    # a training set costs what its worst-off case has spent; a never-trained case adds nothing
+    assert again.spent(cases("a", "c", "new"), DELTA) == pytest.approx(max(only_a, only_c), rel=1e-9)
+    assert again.spent(cases("a", "b", "new"), DELTA) == pytest.approx(both, rel=1e-9)
+    assert again.spent(cases("new"), DELTA) == 0.0
+    assert again.spent_anywhere(DELTA) == pytest.approx(both, rel=1e-9)
 
 
-def test_reservation_counts_until_settled_and_survives_a_crash(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds")
-    rid = ledger.reserve("r", 1.0, 0.2, 10, epsilon_budget=50.0, delta=DELTA)
-    assert rid is not None
-    # a process that died here: the reservation is on disk and charged
-    crashed = PrivacyLedger.load(tmp_path, "ds")
-    assert crashed.spent(DELTA) == pytest.approx(independent_epsilon([(1.0, 0.2, 10)]), rel=1e-9)
-    eps = ledger.settle(rid, 7, DELTA)
+def test_two_series_of_one_patient_compose_as_one_person(tmp_path):
+    ledger = PrivacyLedger.load(tmp_path)
+    spend(ledger, "run-a", cases("ct-1", subjects={"ct-1": "subj01"}), 1.0, 0.3, 20)
+    later = cases("ct-2", subjects={"ct-2": "subj01"})  # another series, same patient pseudonym
+    spend(ledger, "run-b", later, 1.0, 0.3, 20)
+    assert ledger.spent(later, DELTA) == pytest.approx(independent_epsilon([(1.0, 0.3, 40)]), rel=1e-9)
+    assert ledger.spent(cases("ct-3", subjects={"ct-3": "other1"}), DELTA) == 0.0
+
+
+def test_rounds_of_a_run_merge_and_stale_objects_lose_nothing(tmp_path):
+    a, b = PrivacyLedger.load(tmp_path), PrivacyLedger.load(tmp_path)
+    spend(a, "run-a", cases("x"), 1.0, 0.1, 10)
+    spend(a, "run-a", cases("x"), 1.0, 0.1, 5)
+    spend(b, "run-b", cases("x"), 1.0, 0.1, 10)  # b was loaded before a wrote: re-reads under the lock
+    final = PrivacyLedger.load(tmp_path)
+    assert [(r.run_id, r.steps, r.rounds) for r in final.releases] == [("run-a", 15, 2), ("run-b", 10, 1)]
+    assert final.spent(cases("x"), DELTA) == pytest.approx(independent_epsilon([(1.0, 0.1, 25)]), rel=1e-9)
+
+
+def test_reservation_counts_until_settled_and_refuses_what_does_not_fit(tmp_path):
+    ledger = PrivacyLedger.load(tmp_path)
+    rid, _ = ledger.reserve("r", cases("x"), 1.0, 0.2, 10, epsilon_budget=50.0, delta=DELTA)
+    crashed = PrivacyLedger.load(tmp_path)  # a process that died here: the booking is on disk and charged
+    assert crashed.spent(cases("x"), DELTA) == pytest.approx(independent_epsilon([(1.0, 0.2, 10)]), rel=1e-9)
+    ledger.settle(rid, 7)
+    eps = PrivacyLedger.load(tmp_path).spent(cases("x"), DELTA)
     assert eps == pytest.approx(independent_epsilon([(1.0, 0.2, 7)]), rel=1e-9)
-    reloaded = PrivacyLedger.load(tmp_path, "ds")
-    assert reloaded.pending == [] and reloaded.total_steps == 7
-    # a reservation that does not fit is refused and nothing is booked
-    assert ledger.reserve("r", 1.0, 0.2, 10_000, epsilon_budget=eps * 1.01, delta=DELTA) is None
-    assert PrivacyLedger.load(tmp_path, "ds").total_steps == 7
+    assert ledger.reserve("r2", cases("x"), 1.0, 0.2, 10_000, epsilon_budget=eps * 1.01, delta=DELTA) == (None, "lifetime")
+    # a case that never trained may still train under the same budget
+    assert ledger.reserve("r2", cases("y"), 1.0, 0.2, 7, epsilon_budget=eps * 1.01, delta=DELTA)[1] is None
+    # the study's share: its own history against study_epsilon
+    study_eps = independent_epsilon([(1.0, 0.2, 7)])
+    assert ledger.reserve("r", cases("z"), 1.0, 0.2, 1, epsilon_budget=50.0, delta=DELTA,
+                          study_epsilon=study_eps * 1.001) == (None, "study")
+    assert PrivacyLedger.load(tmp_path).total_steps == 14
+
+
+def test_a_deleted_ledger_is_an_error_not_a_fresh_start(tmp_path):
+    ledger = PrivacyLedger.load(tmp_path)
+    spend(ledger, "r", cases("x"), 1.0, 0.2, 30)
+    ledger.path.unlink()
+    with pytest.raises(LedgerError, match="missing.*ledger.marker|ledger.marker"):
+        PrivacyLedger.load(tmp_path)
+    with pytest.raises(LedgerError, match="missing"):
+        ledger.reserve("r", cases("x"), 1.0, 0.2, 1, epsilon_budget=8.0, delta=DELTA)
+
+
+def test_a_ledger_copied_from_another_state_folder_is_refused(tmp_path):
+    for site in ("a", "b"):
+        spend(PrivacyLedger.load(tmp_path / site), "r", cases("x"), 1.0, 0.2, 3)
+    (tmp_path / "a" / "privacy" / "ledger.json").replace(tmp_path / "b" / "privacy" / "ledger.json")
+    with pytest.raises(LedgerError, match="copied from elsewhere"):
+        PrivacyLedger.load(tmp_path / "b")
 
 
 def test_hand_edited_ledger_is_an_error_not_a_reset(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds")
-    ledger.record("r", 1.0, 0.2, 30, DELTA)
-    path = ledger_path(tmp_path, "ds")
-    doc = json.loads(path.read_text())
-    doc["body"]["accountant"]["history"][0][2] = 1  # "forget" 29 steps
-    path.write_text(json.dumps(doc))
+    ledger = PrivacyLedger.load(tmp_path)
+    spend(ledger, "r", cases("x"), 1.0, 0.2, 30)
+    doc = json.loads(ledger.path.read_text())
+    doc["body"]["releases"][0]["steps"] = 1  # "forget" 29 steps
+    ledger.path.write_text(json.dumps(doc))
     with pytest.raises(LedgerError, match="checksum"):
-        PrivacyLedger.load(tmp_path, "ds")
-    with pytest.raises(LedgerError, match="checksum"):
-        ledger.record("r", 1.0, 0.2, 1, DELTA)
+        PrivacyLedger.load(tmp_path)
 
 
-@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"body": {}, "sha256": "x"}'])
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"body": {}, "sha256": "x"}', "[" * 100_000])
 def test_corrupt_ledger_is_an_error_naming_the_file(tmp_path, content):
-    path = ledger_path(tmp_path, "ds")
+    path = tmp_path / "privacy" / "ledger.json"
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.raises(LedgerError, match=str(path.name)):
-        PrivacyLedger.load(tmp_path, "ds")
+    with pytest.raises(LedgerError, match="ledger.json"):
+        PrivacyLedger.load(tmp_path)
 
 
-def test_ledger_of_another_dataset_is_rejected(tmp_path):
-    PrivacyLedger.load(tmp_path, "ds-a").record("r", 1.0, 0.2, 3, DELTA)
-    ledger_path(tmp_path, "ds-a").rename(ledger_path(tmp_path, "ds-b"))
-    with pytest.raises(LedgerError, match="belongs to dataset"):
-        PrivacyLedger.load(tmp_path, "ds-b")
+@pytest.mark.parametrize("field,value", [
+    ("epsilon_budget", "8"), ("delta", [1]), ("unit_sets", {"a": 1}), ("unit_sets", [["case:nothex"]]),
+    ("releases", [{"id": 1}]), ("releases.steps", "40"), ("releases.steps", 2.5), ("releases.units", 7),
+    ("releases.noise_multiplier", None), ("releases.sample_rate", 3.0), ("releases.run_id", ["x"]),
+    ("releases.open", "no"), ("migrated", "x"), ("ledger_id", 5), ("mechanism", 1),
+])
+def test_fields_of_the_wrong_type_are_an_error_naming_the_file(tmp_path, field, value):
+    """A ledger whose checksum matches (written by a buggy tool, or re-signed) is still checked."""
+    from privacy.ledger_v1 import checksum
+
+    ledger = PrivacyLedger.load(tmp_path)
+    spend(ledger, "r", cases("x"), 1.0, 0.2, 3)
+    doc = json.loads(ledger.path.read_text())
+    if field.startswith("releases."):
+        doc["body"]["releases"][0][field.split(".")[1]] = value
+    else:
+        doc["body"][field] = value
+    doc["sha256"] = checksum(doc["body"])
+    ledger.path.write_text(json.dumps(doc))
+    with pytest.raises(LedgerError, match="ledger.json"):
+        PrivacyLedger.load(tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["", "../x", "a/b", "x" * 200])
-def test_dataset_id_cannot_escape_the_state_dir(tmp_path, bad):
-    with pytest.raises(ValueError):
-        PrivacyLedger.load(tmp_path, bad)
-
-
-def test_dataset_id_follows_the_training_list(tmp_path):
-    training = [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}]
-    (tmp_path / "dataset.json").write_text(json.dumps({"name": "demo", "training": training}))
-    ident = dataset_id_for(tmp_path)
-    assert ident == dataset_id_from_training_list(training, "demo")
-    assert ident != dataset_id_from_training_list(training + [{"image": "b", "label": "c"}], "demo")
-    with pytest.raises(LedgerError, match="dataset.json"):
-        dataset_id_for(tmp_path / "missing")
+def test_reserve_needs_hashed_units(tmp_path):
+    with pytest.raises(ValueError, match="unit keys"):
+        PrivacyLedger.load(tmp_path).reserve("r", [("case-123",)], 1.0, 0.2, 1, epsilon_budget=8.0, delta=DELTA)
 
 
 def test_default_delta_is_below_one_over_n():
@@ -144,11 +165,3 @@ def test_default_delta_is_below_one_over_n():
     assert default_delta(50_000) == pytest.approx(1 / 500_000)
     for n in (1, 7, 10_000, 10**6):
         assert default_delta(n) < 1 / n
-
-
-def test_format_ledger_lists_runs_and_totals(tmp_path):
-    ledger = PrivacyLedger.load(tmp_path, "ds")
-    ledger.record("run-a", 1.25, 0.2, 10, DELTA, epsilon_budget=8.0)
-    text = format_ledger(ledger)
-    assert "run-a" in text and "1.2500" in text and "of 8.000" in text
-    assert f"{ledger.spent(DELTA):.3f}" in text

@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privacy.engine import make_dp_compatible
 from privacy.ledger import PrivacyLedger
-from privacy.session import DPSettings, DPSiteSession
+from privacy.session import DEFAULT_STUDY_FRACTION, DPSettings, DPSiteSession
+from privacy.units import unit_key
 
 DELTA = 1e-5
 N, SIZE = 12, 8
+CASES = [(unit_key("case", f"case-{i}"),) for i in range(N)]
 _dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
 
 
@@ -49,14 +51,14 @@ def data(seed=1):
 
 
 def make_session(model, state_dir, *, epsilon=8.0, rounds=2, epochs=1, run_id="run-1", mode="functorch",
-                 clip=1.0, noise_seed=7, lr=0.05):
+                 clip=1.0, noise_seed=7, lr=0.05, study=None, cases=CASES):
     x, y = data()
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     settings = DPSettings(epsilon=epsilon, delta=DELTA, max_grad_norm=clip, grad_sample_mode=mode)
     return DPSiteSession(model=model, optimizer=opt, train_loader=loader, settings=settings,
-                         state_dir=state_dir, dataset_id="ds", run_id=run_id, rounds=rounds,
-                         local_epochs=epochs, seed=0, noise_seed=noise_seed)
+                         state_dir=state_dir, cases=cases, run_id=run_id, rounds=rounds,
+                         local_epochs=epochs, seed=0, noise_seed=noise_seed, study_epsilon=study)
 
 
 def naive_clipped_mean(model, x, y, clip, expected_batch_size):
@@ -114,7 +116,7 @@ def test_noise_is_applied_with_the_calibrated_scale(tmp_path):
 
 
 def test_round_reports_lifetime_epsilon_matching_an_independent_accountant(tmp_path):
-    session = make_session(tiny_unet(), tmp_path, epsilon=8.0, rounds=2, epochs=1)
+    session = make_session(tiny_unet(), tmp_path, epsilon=8.0, rounds=2, epochs=1, study=8.0)
     steps_per_round = session.steps_per_epoch
     assert session.begin_round() is None
     for xb, yb in session.train_loader:
@@ -129,7 +131,7 @@ def test_round_reports_lifetime_epsilon_matching_an_independent_accountant(tmp_p
     assert metrics["dp-noise-multiplier"] == session.noise_multiplier
 
     # a new process (restart) and a new run on the same dataset continue the same ledger
-    second = make_session(tiny_unet(), tmp_path, epsilon=8.0, rounds=2, epochs=1, run_id="run-2")
+    second = make_session(tiny_unet(), tmp_path, epsilon=8.0, rounds=2, epochs=1, run_id="run-2", study=8.0)
     assert second.noise_multiplier > session.noise_multiplier  # less budget left for its steps
     assert second.spent() == pytest.approx(metrics["dp-epsilon-spent"], rel=1e-12)
     assert second.begin_round() is None
@@ -140,12 +142,12 @@ def test_round_reports_lifetime_epsilon_matching_an_independent_accountant(tmp_p
         acc.step(noise_multiplier=second.noise_multiplier, sample_rate=second.sample_rate)
     assert m2["dp-epsilon-spent"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
     assert m2["dp-epsilon-spent"] <= 8.0
-    ledger = PrivacyLedger.load(tmp_path, "ds")
-    assert [e.run_id for e in ledger.entries] == ["run-1", "run-2"]
+    ledger = PrivacyLedger.load(tmp_path)
+    assert [r.run_id for r in ledger.releases] == ["run-1", "run-2"]
 
 
 def test_budget_exhaustion_refuses(tmp_path):
-    session = make_session(tiny_convnet(), tmp_path, epsilon=3.0, rounds=2, epochs=1, mode="ew")
+    session = make_session(tiny_convnet(), tmp_path, epsilon=3.0, rounds=2, epochs=1, mode="ew", study=3.0)
     for _ in range(2):
         assert session.begin_round() is None
         for xb, yb in session.train_loader:
@@ -153,16 +155,15 @@ def test_budget_exhaustion_refuses(tmp_path):
         metrics = session.end_round()
     assert metrics["dp-epsilon-spent"] <= 3.0
     assert metrics["dp-epsilon-spent"] > 3.0 - 0.011  # calibrated: the plan used the budget
-    reason = session.begin_round()
-    assert reason is not None and "budget" in reason
+    assert session.begin_round() == "privacy-budget-exhausted"
+    assert "lifetime" in session.refusal_detail
     with pytest.raises(RuntimeError, match="begin_round"):
         x, y = data()
         session.step(x[:2], y[:2], per_sample_loss)
     # a new run on the same dataset is refused from the start
-    later = make_session(tiny_convnet(), tmp_path, epsilon=3.0, rounds=5, run_id="run-9", mode="ew")
-    assert later.refusal is not None and later.begin_round() == later.refusal
-    assert "budget" in later.refusal
-    assert PrivacyLedger.load(tmp_path, "ds").total_steps == 2 * session.steps_per_epoch
+    later = make_session(tiny_convnet(), tmp_path, epsilon=3.0, rounds=5, run_id="run-9", mode="ew", study=1.0)
+    assert later.refusal == "privacy-budget-exhausted" and later.begin_round() == later.refusal
+    assert PrivacyLedger.load(tmp_path).total_steps == 2 * session.steps_per_epoch
 
 
 def test_steps_beyond_the_reserved_round_are_refused(tmp_path):
@@ -265,8 +266,70 @@ def test_an_empty_first_poisson_batch_of_dictionary_data_is_a_noise_only_step(tm
     session = DPSiteSession(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         train_loader=DataLoader(Dicts(), batch_size=2, collate_fn=collate),
-        settings=DPSettings(epsilon=8.0, delta=1e-5), state_dir=tmp_path, dataset_id="d", run_id="r",
+        settings=DPSettings(epsilon=8.0, delta=1e-5), state_dir=tmp_path, cases=CASES[:4], run_id="r",
         rounds=1, local_epochs=1, noise_seed=1,
     )
     assert session.train_loader.collate_fn([]) == []  # first batch empty: recognisable, no crash
     assert session.is_empty_batch([])
+
+
+def _train_all_rounds(session, rounds):
+    for _ in range(rounds):
+        assert session.begin_round() is None, session.refusal_detail
+        for xb, yb in session.train_loader:
+            session.step(xb, yb, per_sample_loss)
+        metrics = session.end_round()
+    return metrics
+
+
+def test_a_study_that_asks_for_nothing_spends_a_quarter_of_the_lifetime_budget(tmp_path):
+    session = make_session(tiny_convnet(), tmp_path, epsilon=8.0, rounds=2, mode="ew")
+    metrics = _train_all_rounds(session, 2)
+    share = DEFAULT_STUDY_FRACTION * 8.0
+    assert metrics["dp-study-epsilon"] == share
+    assert share - 0.011 < metrics["dp-study-epsilon-spent"] <= share  # calibrated to the share, not to 8
+    assert metrics["dp-epsilon-spent"] == pytest.approx(metrics["dp-study-epsilon-spent"], rel=1e-12)
+
+
+def test_two_studies_in_a_row_both_train_and_the_second_is_capped_by_what_is_left(tmp_path):
+    """Issue 19 item 3: a smoke test no longer spends a site's whole lifetime budget."""
+    first = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=2, mode="ew", run_id="smoke", study=1.0)
+    m1 = _train_all_rounds(first, 2)
+    assert 0.98 < m1["dp-study-epsilon-spent"] <= 1.0 and m1["dp-epsilon-spent"] <= 1.0
+    second = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=2, mode="ew", run_id="study", study=2.0)
+    m2 = _train_all_rounds(second, 2)
+    assert 1.98 < m2["dp-study-epsilon-spent"] <= 2.0  # its own share, in full
+    assert 2.0 < m2["dp-epsilon-spent"] < 3.0  # RDP composes sub-additively: less than 1 + 2
+    acc = RDPAccountant()
+    acc.history = [(first.noise_multiplier, first.sample_rate, 2 * first.steps_per_epoch),
+                   (second.noise_multiplier, second.sample_rate, 2 * second.steps_per_epoch)]
+    assert m2["dp-epsilon-spent"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+    # a study asking for more than is left gets what is left: the lifetime budget binds
+    big = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=1, mode="ew", run_id="big", study=4.0)
+    m3 = _train_all_rounds(big, 1)
+    assert 4.0 - 0.011 < m3["dp-epsilon-spent"] <= 4.0 and m3["dp-study-epsilon-spent"] < 3.9
+    # then nothing is left, and the site says so with a reason code
+    third = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=1, mode="ew", run_id="third", study=1.0)
+    assert third.begin_round() == "privacy-budget-exhausted"
+
+
+def test_new_cases_do_not_lift_the_spend_of_the_old_ones(tmp_path):
+    first = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=1, mode="ew", run_id="a", study=4.0)
+    spent = _train_all_rounds(first, 1)["dp-epsilon-spent"]
+    swapped = CASES[:6] + [(unit_key("case", f"new-{i}"),) for i in range(6)]  # half new patients
+    later = make_session(tiny_convnet(), tmp_path, epsilon=4.0, rounds=1, mode="ew", run_id="b", study=4.0,
+                         cases=swapped)
+    assert later.spent() == pytest.approx(spent, rel=1e-12)
+    assert later.refusal == "privacy-budget-exhausted"
+
+
+def test_a_study_resumed_in_a_new_process_counts_its_earlier_rounds(tmp_path):
+    first = make_session(tiny_convnet(), tmp_path, epsilon=8.0, rounds=2, mode="ew", run_id="s", study=1.0)
+    _train_all_rounds(first, 2)
+    resumed = make_session(tiny_convnet(), tmp_path, epsilon=8.0, rounds=1, mode="ew", run_id="s", study=1.0)
+    assert resumed.refusal == "privacy-study-share-spent"
+
+
+def test_cases_must_match_the_training_samples(tmp_path):
+    with pytest.raises(ValueError, match="one per case"):
+        make_session(tiny_convnet(), tmp_path, mode="ew", cases=CASES[:5])
