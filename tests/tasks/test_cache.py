@@ -223,3 +223,20 @@ def test_cache_may_be_deleted_at_any_time(site):
     shutil.rmtree(state / "cache")
     store, again = _dataset(state, items, chain)
     assert _same(again[0], _direct(items[0], chain)) and store.misses == 1
+
+
+def test_a_corrupt_case_is_reported_as_a_dataset_error_when_the_site_is_prepared(site):
+    """With the disk cache, cases not cached yet are read at prepare time (as MONAI's CacheDataset did)."""
+    from types import SimpleNamespace
+
+    from data_prep.site_dataset import DatasetError
+    from tasks.data import cached_site_data
+
+    data, items, state = site
+    broken = Path(items[1]["image"])
+    broken.write_bytes(broken.read_bytes()[: 352 + 100])  # header intact, voxels cut off
+    cases = tuple(SimpleNamespace(image=Path(i["image"])) for i in items)
+    dataset = SimpleNamespace(root=data, training=cases, test=())
+    with disk_cache.using(PreprocessedCache(disk_cache.cache_dir_for(state), 50)):
+        with pytest.raises(DatasetError, match="could not be read"):
+            cached_site_data(dataset, "CT", items, [], _chain(), _chain(), (3.0, 3.0, 3.0), 100, channels=2)
