@@ -144,10 +144,10 @@ def train(msg: Message, context: Context) -> Message:
     run_key = str(config.get("run-key", f"run-{context.run_id}"))
     store = SiteStateStore(rt.site.state_dir, run_key)
     baseline = bool(config.get("local-baseline", False))
+    before = dict(disk_cache.STATS)
     with timing.section("data"):
         dataset = _dataset(rt)
         site_data = _site_data(rt, dataset)
-    before = _cache_counters(site_data)
 
     if baseline and rt.site.dp_epsilon > 0:
         # A local-only model trained without DP-SGD would leak what the site's budget protects.
@@ -230,21 +230,16 @@ def train(msg: Message, context: Context) -> Message:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
         reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
-    timing.count(**_cache_delta(before, site_data))
+    timing.count(**_cache_delta(before))
     timing.emit()
     return Message(content=reply, reply_to=msg)
 
 
-def _cache_counters(site_data: Any) -> tuple[int, int, float]:
-    cache = getattr(getattr(site_data, "train", None), "cache", None)
-    return (cache.hits, cache.misses, cache.seconds) if cache is not None else (0, 0, 0.0)
-
-
-def _cache_delta(before: tuple[int, int, float], site_data: Any) -> dict[str, float]:
-    """This message's disk-cache hits, misses and seconds (the counters live for the process)."""
-    after = _cache_counters(site_data)
-    return {"cache_hits": after[0] - before[0], "cache_misses": after[1] - before[1],
-            "cache_io_s": round(after[2] - before[2], 3)}
+def _cache_delta(before: dict) -> dict[str, float]:
+    """This message's disk-cache hits, misses and seconds (tasks.cache.STATS counts for the process)."""
+    now = disk_cache.STATS
+    return {"cache_hits": now["hits"] - before["hits"], "cache_misses": now["misses"] - before["misses"],
+            "cache_io_s": round(now["seconds"] - before["seconds"], 3)}
 
 
 def _evaluate_received(rt: SiteRuntime, shared: ArrayRecord, local: dict | None, site_data: Any) -> dict:
@@ -316,10 +311,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     with timing.section("setup"):
         rt = _runtime(context)
     which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
+    before = dict(disk_cache.STATS)
     with timing.section("data"):
         dataset = _dataset(rt, which)
         site_data = _site_data(rt, dataset)
-    before = _cache_counters(site_data)
     model = rt.task.build_model()
     shared = msg.content["arrays"]
     local_names = set(model.state_dict()) - set(shared.keys())
@@ -329,7 +324,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _load_global(model, shared, local_state)
     with timing.section("evaluate"):
         metrics = rt.task.evaluate(model, site_data, "test")
-    timing.count(**_cache_delta(before, site_data))
+    timing.count(**_cache_delta(before))
     timing.emit()
     clean = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
     reply = RecordDict(

@@ -52,6 +52,7 @@ _DIGEST_BYTES = 64  # hex sha256
 # readers are installed (chosen by file suffix, which is in the key): not part of its settings.
 _RUNTIME_STATE = frozenset({"filenames", "readers"})
 
+STATS = {"hits": 0, "misses": 0, "seconds": 0.0}  # all caches of this process (benchmark breakdown)
 _ACTIVE: contextvars.ContextVar[PreprocessedCache | None] = contextvars.ContextVar("preprocessed_cache", default=None)
 
 
@@ -298,13 +299,16 @@ def _persistent_dataset_class():
             prefix = self.cache.load(self.keys[index])
             if prefix is None:
                 self.cache.misses += 1
+                STATS["misses"] += 1
                 prefix = plain(self._pre_transform(copy.deepcopy(self.data[index])))
                 self.cache.store(self.keys[index], prefix)
             else:
                 self.cache.hits += 1
+                STATS["hits"] += 1
             if len(self._memory) < self.memory_items:
                 self._memory[index] = prefix
             self.cache.seconds += time.perf_counter() - began
+            STATS["seconds"] += time.perf_counter() - began
             return prefix
 
         def _transform(self, index: int):
