@@ -3,7 +3,9 @@
 Flower keeps a site's ClientApp process alive across rounds; re-reading and resampling every
 NIfTI each round would dominate a round's time. MONAI's ``CacheDataset`` keeps the
 deterministic prefix of the transform chain in memory; ``cache_rate`` is chosen so the cache
-stays under ``cache_max_mb`` (the rest is recomputed on access).
+stays under ``cache_max_mb`` (the rest is recomputed on access). When the ClientApp sets a
+site's disk cache (:mod:`tasks.cache`), the deterministic prefix is read from there instead, so a
+new process (Flower starts one per message) does not re-prepare the site.
 """
 
 from __future__ import annotations
