@@ -13,6 +13,7 @@ Slow (minutes on a shared machine): tiny model, 2-3 rounds, no per-round evaluat
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,22 @@ def _start(fed, sites, **names):
     return procs
 
 
+def _restart(fed, site: str, timeout: float = 400.0):
+    """Start ``site`` again; the SuperLink refuses its key until it has noticed the old one is gone."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        proc = fed.start_site(site, name=f"{site}-restarted-{attempt}")
+        try:
+            fed.wait_for_log(proc, "SuperNode ID", 180)
+            return proc
+        except RuntimeError:
+            if "already online" not in proc.log() or time.monotonic() > deadline:
+                raise
+            time.sleep(10)
+
+
 def _spend_whole_budget(data: Path, state_dir: Path, epsilon: float, home: Path) -> None:
     """One in-process DP study at ``site-c`` that spends all of its lifetime budget."""
     raw = {**TINY, "num-server-rounds": 1, "min-available-sites": 1, "dp-required": True,
@@ -101,7 +118,7 @@ def test_dp_sites_keep_ledger_and_cache_across_a_supernode_restart(federations, 
     assert ledger.is_file()
     entries_before = sorted(p.name for p in cache_dir_for(state["site-a"]).glob("*.pt"))
     assert entries_before  # round 1 built the cache
-    restarted = _start(fed, ["site-a"], **{"site-a": "site-a-restarted"})["site-a"]
+    restarted = _restart(fed, "site-a")
     assert run.wait(1200) == 0, fed.logs_tail()
 
     train = _train_lines(run_dir)
