@@ -123,8 +123,9 @@ def test_dp_sites_keep_ledger_and_cache_across_a_supernode_restart(federations, 
 
     train = _train_lines(run_dir)
     assert [r["round"] for r in train] == [1, 2, 3]
-    for line in train:  # the spent site refuses every round, with a code and no number or path
-        assert line["excluded"].get("site-c") == "refused: privacy-budget-exhausted"
+    # the spent site refuses with a code (no number, no path), is excluded, and never trains
+    assert train[0]["excluded"].get("site-c") == "refused: privacy-budget-exhausted"
+    for line in train:
         assert "site-c" not in line["sites"] or line["sites"]["site-c"].get("num-examples", 0) == 0
     trained_after = [r for r in train if r["round"] >= 2 and "site-a" in r["sites"]
                      and r["sites"]["site-a"].get("num-examples", 0) > 0]
