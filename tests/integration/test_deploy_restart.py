@@ -146,7 +146,10 @@ def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_superlink_restart_with_resume_gives_the_uninterrupted_model(federations, datasets, tmp_path):
-    """Within 1e-6: the replies are averaged in arrival order, which a restart changes (float sums)."""
+    """Bitwise: replies are averaged sorted by site name (not in arrival order), every site's round is
+    seeded by (seed, site, round), one torch thread on CPU, cached preprocessing equals fresh
+    preprocessing and the server state is saved losslessly. (GPU kernels that are not deterministic
+    would break this; then a tolerance would be the honest test.)"""
     sites = {s: datasets[s] for s in ("site-a", "site-b")}
     config = {**TINY, "num-server-rounds": 3, "min-available-sites": 2}
     # Uninterrupted reference: the same ClientApp and ServerApp code, in process, same seed and data.
@@ -172,6 +175,5 @@ def test_superlink_restart_with_resume_gives_the_uninterrupted_model(federations
     model = _final_model(run_dir)
     assert set(model) == set(reference)
     worst = max(float((model[k].double() - reference[k].double()).abs().max()) for k in model)
-    scale = max(float(reference[k].double().abs().max()) for k in reference)
-    assert worst <= 1e-6 * max(1.0, scale), f"max abs difference {worst:.3g}"
-    assert np.isfinite(worst)
+    assert all(torch.equal(model[k], reference[k]) for k in model), f"max abs difference {worst:.3g}"
+    assert np.isfinite(worst) and any(float(v.abs().sum()) > 0 for v in model.values())
