@@ -3,7 +3,8 @@
 What leaves the site is chosen here, by parameter name: the model's shared arrays, numeric
 metrics, the site's public name and, for SCAFFOLD, the change of its control variate. No
 file path, case name or image value is ever put into a reply; dataset errors are logged in
-full at the site and reported to the server only as a generic reason.
+full at the site and reported to the server only as a reason code (``app.site_failures``):
+every train and evaluate call is wrapped by :func:`_reported_as_code`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 from app import timings  # first: marks when the ClientApp's imports begin (FEDIMAGING_TIMINGS)
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +33,12 @@ from flwr.clientapp import ClientApp
 
 from app.preflight import sendable_channel_names
 from app.config import RunConfig, SiteConfig, parse_run_config, parse_site_config
+from app.site_failures import SiteDataError, failure_code, refusal_reason
+from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
-from strategies.central_dp import site_clipping_mod
-from tasks import LocalTrainingOptions, Task, get_task
+from tasks import LocalTrainingOptions, SiteDataCache, Task, device, get_task, make_optimizer
 from tasks import cache as disk_cache
-from tasks.base import device
-from tasks.data import SiteDataCache
-from tasks.training import make_optimizer
 
 if TYPE_CHECKING:  # imported where used: Opacus (privacy) and the demo generator cost seconds per process
     from privacy import DPSiteSession
@@ -46,15 +47,24 @@ timings.imports_done()
 log = logging.getLogger("fedimaging.site")
 app = ClientApp()
 
+
+def _site_console() -> None:
+    """Site progress and failures on the SuperNode's console: Flower configures only its own logger."""
+    package = logging.getLogger("fedimaging")
+    if not logging.getLogger().handlers and not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+_site_console()
+
 # Prepared site data and tasks live for the life of the site process (bounded, see SiteDataCache).
 _SITE_DATA = SiteDataCache(max_sites=8)
 _TASKS: dict[tuple, Task] = {}
 # One DP-SGD session per (run, site, state, dataset) for the life of the process: never a new engine per round.
 _DP_SESSIONS: dict[tuple[str, str, str, str], DPSiteSession] = {}
-
-
-class SiteDataError(RuntimeError):
-    """Raised (and sent to the server) without any path or case detail."""
 
 
 @dataclass
@@ -98,10 +108,7 @@ def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
             path = rt.site.data_path
         return load_site_dataset(path, require_training=which != "unseen")
     except DatasetError as exc:
-        log.error("Site dataset is not valid: %s", exc)
-        raise SiteDataError(
-            "site dataset is not valid; the site's log names the file (fix it, e.g. re-run 'fedimaging prep')"
-        ) from None
+        raise SiteDataError(f"site dataset is not valid (fix it, e.g. re-run 'fedimaging prep'): {exc}") from exc
 
 
 def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
@@ -126,14 +133,37 @@ def _load_global(model: torch.nn.Module, arrays: ArrayRecord, local: dict[str, t
     # saved its own (first round) they keep their initial values, identical at every site.
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}")
+        raise SiteDataError(f"server sent parameters this model does not have: {sorted(unexpected)[:5]}",
+                            "message-invalid")
 
 
 def _site_record(rt: SiteRuntime, **extra: str) -> ConfigRecord:
     return ConfigRecord({"site-name": rt.site.site_name, **extra})
 
 
+def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Any failure: the full traceback in the site's log, only a reason code in the reply."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - every failure, whatever raised it
+            code = failure_code(exc)
+            log.exception("%s failed at this site (reported to the server only as '%s')",
+                          msg.metadata.message_type, code)
+            try:
+                site = _site_record(_runtime(context), **{"refused-reason": refusal_reason(code)})
+            except Exception:  # noqa: BLE001 - the site's own config is what failed
+                site = ConfigRecord({"refused-reason": refusal_reason(code)})
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "refused": 1}), "site": site})
+            return Message(content=content, reply_to=msg)
+
+    return guarded
+
+
 @app.train(mods=[site_clipping_mod])
+@_reported_as_code
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
     config = msg.content["config"]
@@ -153,7 +183,7 @@ def train(msg: Message, context: Context) -> Message:
         # A local-only model trained without DP-SGD would leak what the site's budget protects.
         return Message(content=_refusal(rt, "local baselines are not trained at a DP site"), reply_to=msg)
     shared = msg.content["arrays"]
-    epochs = int(config.get("local-epochs", rt.run.local_epochs))
+    epochs = int(config["local-epochs"])
     session = None
     if rt.site.dp_epsilon > 0 and not baseline:
         from privacy import LedgerError, study_share  # Opacus: only DP sites import it
@@ -191,7 +221,7 @@ def train(msg: Message, context: Context) -> Message:
     options = LocalTrainingOptions(
         epochs=epochs,
         dp=session,
-        lr=rt.run.round_lr(float(config.get("lr", rt.run.lr)), 0 if baseline else server_round),
+        lr=float(config["lr"]),  # the server's schedule decides each round's learning rate
         seed=_round_seed(rt.run, rt.site.site_name, server_round, "baseline" if baseline else "train"),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
@@ -270,7 +300,7 @@ def _dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: 
         try:
             settings = DPSettings.from_node_config(node, len(dataset.training))
         except ValueError as exc:
-            raise SiteDataError(f"site DP settings: {exc}") from None
+            raise SiteDataError(f"site DP settings: {exc}", "site-config-invalid") from None
         model = rt.task.build_model().to(device())
         optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
@@ -292,6 +322,7 @@ def _refusal(rt: SiteRuntime, reason: str, session: DPSiteSession | None = None)
 
 
 @app.query()
+@_reported_as_code
 def query(msg: Message, context: Context) -> Message:
     """Before round 1: the site's image channel names and count (no path, no case data)."""
     rt = _runtime(context)
@@ -303,6 +334,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_reported_as_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
     config = msg.content["config"]

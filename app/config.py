@@ -5,58 +5,31 @@ Run settings come from ``run_config`` (pyproject ``[tool.flwr.app.config]`` plus
 SuperNode, or ``partition-id`` in simulation). Tasks and strategies never see a Flower
 ``Context``. Every key is documented in the README; an unknown or malformed value raises
 :class:`ConfigError` naming the key.
+
+This module is the one definition of the run configuration: :class:`RunConfig` holds every key
+with its default (pyproject's ``[tool.flwr.app.config]`` is tested equal to it), :func:`_validate`
+is the one validation, and the strategies' settings are derived from it by field name
+(:func:`strategy_settings`), never copied. Lists of names (tasks, strategies, central-DP modes,
+learning-rate schedules) come from the package that implements them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.config_values import ConfigError, bool_value, finite, floats, ints
 from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_root
+from strategies import STRATEGY_NAMES, StrategySettings
+from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
+from strategies.settings import LR_SCHEDULES
+from tasks import TASK_NAMES
 from tasks.base import TaskSettings
-
-TASKS = ("segmentation", "classification")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
-
-
-class ConfigError(ValueError):
-    """A run or site setting is missing or malformed; the message names the key."""
-
-
-def _floats(key: str, value: Any, n: int | None = None) -> tuple[float, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        parts = tuple(float(v) for v in items if str(v).strip())
-    except ValueError as exc:
-        raise ConfigError(f"run config '{key}': expected comma-separated numbers, got {value!r}") from exc
-    if n is not None and len(parts) == 1:
-        parts = parts * n
-    if n is not None and len(parts) != n:
-        raise ConfigError(f"run config '{key}': expected {n} numbers, got {value!r}")
-    return parts
-
-
-def _ints(key: str, value: Any, n: int | None = None) -> tuple[int, ...]:
-    values = _floats(key, value, n)
-    if any(v != int(v) or v <= 0 for v in values):
-        raise ConfigError(f"run config '{key}': expected positive integers, got {value!r}")
-    return tuple(int(v) for v in values)
-
-
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise ConfigError(f"run config '{key}': expected true or false, got {value!r}")
+from tasks.training import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -143,13 +116,6 @@ class RunConfig:
             return Path(self.run_dir).expanduser().resolve()
         return runs_root(self.home or None) / (self.run_name or default_name)
 
-    def round_lr(self, lr: float, server_round: int) -> float:
-        """The site learning rate of a round: ``lr`` decayed over the run (cosine, to 10%)."""
-        if self.lr_schedule == "constant" or self.num_server_rounds <= 1 or server_round < 1:
-            return lr
-        progress = min(1.0, (server_round - 1) / (self.num_server_rounds - 1))
-        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
     @property
     def dp_enabled(self) -> bool:
         """A DP study: the model is built DP-compatible at the server and every site."""
@@ -189,10 +155,10 @@ class RunConfig:
 
 
 _LIST_PARSERS = {
-    "spacing": lambda k, v: _floats(k, v, 3),
-    "roi_size": lambda k, v: _ints(k, v, 3),
-    "channels": lambda k, v: _ints(k, v),
-    "ct_window": lambda k, v: _floats(k, v, 2),
+    "spacing": lambda k, v: floats(k, v, 3),
+    "roi_size": lambda k, v: ints(k, v, 3),
+    "channels": lambda k, v: ints(k, v),
+    "ct_window": lambda k, v: floats(k, v, 2),
 }
 
 
@@ -209,62 +175,111 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
             if name in _LIST_PARSERS:
                 values[name] = _LIST_PARSERS[name](key, value)
             elif isinstance(default, bool):
-                values[name] = _bool(key, value)
+                values[name] = bool_value(key, value)
             elif isinstance(default, int):
-                if float(value) != int(float(value)):
+                number = finite(value)
+                if number != int(number):
                     raise ValueError
-                values[name] = int(float(value))
+                values[name] = int(number)
             elif isinstance(default, float):
-                values[name] = float(value)
+                values[name] = finite(value)
             else:
+                if not isinstance(value, (str, int, float)) or "\x00" in str(value):
+                    raise TypeError
                 values[name] = str(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"run config '{key}': cannot use {value!r} as {type(default).__name__}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(
+                f"run config '{key}': cannot use {value!r} as a finite {type(default).__name__}") from exc
     config = RunConfig(**values)
     _validate(config)
     return config
 
 
 def _validate(c: RunConfig) -> None:
+    def one_of(names: tuple[str, ...]) -> str:
+        return "one of " + ", ".join(repr(n) for n in names)
+
     checks = [
-        (c.task in TASKS, "task", f"one of {TASKS}"),
-        (c.strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}"),
+        (c.task in TASK_NAMES, "task", one_of(TASK_NAMES)),
+        (c.strategy in STRATEGY_NAMES, "strategy", one_of(STRATEGY_NAMES)),
         (c.num_server_rounds >= 1, "num-server-rounds", ">= 1"),
         (c.local_epochs >= 1, "local-epochs", ">= 1"),
         (c.batch_size >= 1, "batch-size", ">= 1"),
         (c.lr > 0, "lr", "> 0"),
-        (c.optimizer in ("adam", "sgd"), "optimizer", "'adam' or 'sgd'"),
-        (c.lr_schedule in ("cosine", "constant"), "lr-schedule", "'cosine' or 'constant'"),
+        (c.optimizer in OPTIMIZERS, "optimizer", one_of(OPTIMIZERS)),
+        (c.lr_schedule in LR_SCHEDULES, "lr-schedule", one_of(LR_SCHEDULES)),
         (0 < c.fraction_train <= 1, "fraction-train", "in (0, 1]"),
         (0 <= c.fraction_evaluate <= 1, "fraction-evaluate", "in [0, 1]"),
         (c.min_available_sites >= 1, "min-available-sites", ">= 1"),
+        (c.min_train_sites >= 1, "min-train-sites", ">= 1"),
+        (c.min_evaluate_sites >= 0, "min-evaluate-sites", ">= 0"),
         (c.proximal_mu >= 0, "proximal-mu", ">= 0"),
+        (c.server_lr >= 0, "server-lr", ">= 0 (0 = the strategy's default)"),
+        (0 <= c.beta_1 < 1, "beta-1", "in [0, 1)"),
+        (0 <= c.beta_2 < 1, "beta-2", "in [0, 1)"),
+        (c.tau > 0, "tau", "> 0"),
         (0 <= c.trim_fraction < 0.5, "trim-fraction", "in [0, 0.5)"),
+        (c.max_update_norm >= 0, "max-update-norm", ">= 0 (0 = off)"),
+        (c.relative_update_norm >= 0, "relative-update-norm", ">= 0 (0 = off)"),
         (c.update_norm_action in ("reject", "clip"), "update-norm-action", "'reject' or 'clip'"),
+        (c.cross_site_every >= 0, "cross-site-every", ">= 0 (0 = only at the end)"),
         (c.demo_size in ("standard", "small"), "demo-size", "'standard' or 'small'"),
         (1 <= c.demo_sites <= 4, "demo-sites", "between 1 and 4"),
         (c.dp_epsilon >= 0, "dp-epsilon", ">= 0 (0 = no DP)"),
-        (0 <= c.dp_study_epsilon < math.inf, "dp-study-epsilon", "a finite number >= 0 (0 = a quarter of each site's budget)"),
-        (c.central_dp in ("off", "server-side", "client-side"), "central-dp", "'off', 'server-side' or 'client-side'"),
-        (c.central_dp == "off" or c.strategy in ("fedavg", "fedprox"), "central-dp",
-         "'off' unless strategy is fedavg or fedprox (its noise is calibrated for a plain mean)"),
+        (c.dp_study_epsilon >= 0, "dp-study-epsilon", ">= 0 (0 = a quarter of each site's budget)"),
+        (c.dp_delta == 0 or 0 < c.dp_delta < 1, "dp-delta", "in (0, 1) (0 = the site's default)"),
+        (c.dp_max_grad_norm > 0, "dp-max-grad-norm", "> 0"),
+        (c.central_dp in CENTRAL_DP_MODES, "central-dp", one_of(CENTRAL_DP_MODES)),
+        (c.central_dp == "off" or c.strategy in CENTRAL_DP_STRATEGIES, "central-dp",
+         f"'off' unless strategy is {' or '.join(CENTRAL_DP_STRATEGIES)} (its noise is calibrated for a plain mean)"),
+        (c.central_dp == "off" or c.server_lr in (0.0, 1.0), "server-lr",
+         "0 or 1 under central-dp (plain averaging)"),
         (c.central_dp_noise_multiplier > 0, "central-dp-noise-multiplier", "> 0"),
         (c.central_dp_clipping_norm > 0, "central-dp-clipping-norm", "> 0"),
         (0 < c.central_dp_delta < 1, "central-dp-delta", "in (0, 1)"),
         (c.central_dp_sites >= 0, "central-dp-sites", ">= 0 (0 = the sites sampled per round)"),
+        (c.round_timeout_s > 0, "round-timeout-s", "> 0"),
+        (c.torch_threads >= 0, "torch-threads", ">= 0 (0 = all cores)"),
+        (all(v > 0 for v in c.spacing), "spacing", "three numbers > 0 (mm)"),
+        (all(v % 8 == 0 for v in c.roi_size), "roi-size", "three multiples of 8"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
         (c.evaluate_every >= 0, "evaluate-every", ">= 0 (0 = only after the last round)"),
         (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
+        (c.num_res_units >= 0, "num-res-units", ">= 0"),
+        (c.cache_max_mb >= 0, "cache-max-mb", ">= 0"),
         (c.ct_window[0] < c.ct_window[1], "ct-window", "low,high with low < high"),
-        (not c.run_name or re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None, "run-name",
-         "letters, digits, '.', '_' and '-' only"),
+        (not c.run_name or (re.fullmatch(r"[A-Za-z0-9._-]+", c.run_name) is not None
+                            and c.run_name.strip(".") != ""), "run-name",
+         "letters, digits, '.', '_' and '-' only (not '.' or '..')"),
     ]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"run config '{key}' must be {expected}, got {getattr(c, key.replace('-', '_'))!r}")
     if c.data_path_template and "{site}" not in c.data_path_template and "{partition}" not in c.data_path_template:
         raise ConfigError("run config 'data-path-template' must contain '{site}' or '{partition}'")
+
+
+# StrategySettings fields that are not run-config keys of the same name: derived below.
+_DERIVED = {"min_available_sites", "min_train_sites", "min_evaluate_sites", "best_metric", "unseen_site"}
+
+
+def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> StrategySettings:
+    """The strategies' view of the run config: every field of the same name, plus the derived ones.
+
+    ``best_metric`` is the task's default when ``best-metric`` is unset; ``min_sites`` the sites
+    the study waits for (all demo sites in a demo simulation).
+    """
+    fields = {f.name for f in dataclasses.fields(StrategySettings)}
+    same = {name: getattr(run, name) for name in fields - _DERIVED}
+    return StrategySettings(
+        **same,
+        min_available_sites=min_sites,
+        min_train_sites=min(run.min_train_sites, min_sites),
+        min_evaluate_sites=min(run.min_evaluate_sites, min_sites),
+        best_metric=run.best_metric or best_metric,
+        unseen_site=run.uses_demo and run.cross_site,
+    )
 
 
 @dataclass(frozen=True)

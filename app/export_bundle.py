@@ -28,6 +28,7 @@ import torch
 
 from app.predict import CT_AIR_THRESHOLD, LoadedModel, PredictError, load_model
 from fedimaging.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from tasks.transforms import RAS_LABELS
 
 BUNDLE_VERSION = "0.1.0"
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
@@ -96,7 +97,8 @@ def inference_config(loaded: LoadedModel) -> dict[str, Any]:
             "transforms": [
                 {"_target_": "LoadImaged", "keys": keys, "image_only": True},
                 {"_target_": "EnsureChannelFirstd", "keys": keys},
-                {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS"},
+                {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS",
+                 "labels": [list(pair) for pair in RAS_LABELS]},  # explicit: MONAI's default is changing
                 {"_target_": "Spacingd", "keys": keys, "pixdim": list(s.spacing), "mode": "bilinear"},
                 "$@intensity_ct if @resolved_modality == 'CT' else @intensity_mr",
                 {"_target_": "EnsureTyped", "keys": keys, "dtype": "$torch.float32", "track_meta": True},

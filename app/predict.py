@@ -18,7 +18,6 @@ untouched initial copy of them. Predicting with a FedBN model therefore needs on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 
 from app.config import ConfigError, RunConfig, parse_run_config
-from fedimaging.io import atomic_write_json
+from fedimaging.io import atomic_write_json, read_json_object
+from fedimaging.weights import WeightsError, load_tensors
 from tasks import Task, get_task
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -54,14 +54,9 @@ def run_dir_of(model_path: Path) -> Path:
 
 def read_run_config(path: Path) -> RunConfig:
     """Parse a run directory's ``run_config.json`` (keys starting with ``_`` are provenance)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PredictError(f"run config {path} not found; pass --config RUN_DIR/run_config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PredictError(f"run config {path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise PredictError(f"run config {path}: expected a JSON object")
+    if not path.is_file():
+        raise PredictError(f"run config {path} not found; pass --config RUN_DIR/run_config.json")
+    raw = read_json_object(path, PredictError)
     values = {k: v for k, v in raw.items() if not k.startswith("_")}
     try:
         return parse_run_config(values)
@@ -70,20 +65,16 @@ def read_run_config(path: Path) -> RunConfig:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A weights-only state dict (never unpickles arbitrary objects)."""
+    """A weights-only state dict (never unpickles arbitrary objects; ``fedimaging.weights``)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PredictError(f"model file {path} not found") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise PredictError(f"cannot read model file {path} as weights-only tensors: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PredictError(f"{path} is not a dict of tensors (a state dict saved by fedimaging)")
-    damaged = [str(k) for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        state = load_tensors(path)
+    except WeightsError as exc:
+        raise PredictError(str(exc)) from None
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if damaged:  # a NaN weight makes every voxel background: refuse rather than write that mask
         raise PredictError(f"model file {path} holds NaN or infinite weights in {len(damaged)} tensor(s), "
                            f"e.g. {damaged[0]!r}; use another checkpoint (e.g. checkpoints/best.pt)")
-    return {str(k): v for k, v in state.items()}
+    return state
 
 
 def fedbn_site_state(run: RunConfig, run_dir: Path, site: str | None, site_state: Path | None) -> Path:

@@ -18,55 +18,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from app.config import RunConfig, parse_run_config
+from app.config import RunConfig, parse_run_config, strategy_settings
 from app.preflight import check_site_channels
 from app.tensorboard_log import TensorBoardLog
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import NoSiteTrained, RunDirectory, build_strategy
 from tasks import get_task
 
 log = logging.getLogger("fedimaging.server")
 app = ServerApp()
 
 NODE_WAIT_SECONDS = 60.0
-
-
-def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> StrategySettings:
-    """The strategies' view of the run config."""
-    return StrategySettings(
-        name=run.strategy,
-        num_rounds=run.num_server_rounds,
-        fraction_train=run.fraction_train,
-        fraction_evaluate=run.fraction_evaluate,
-        min_available_sites=min_sites,
-        min_train_sites=min(run.min_train_sites, min_sites),
-        min_evaluate_sites=min(run.min_evaluate_sites, min_sites),
-        seed=run.seed,
-        local_epochs=run.local_epochs,
-        lr=run.lr,
-        proximal_mu=run.proximal_mu,
-        server_lr=run.server_lr,
-        beta_1=run.beta_1,
-        beta_2=run.beta_2,
-        tau=run.tau,
-        trim_fraction=run.trim_fraction,
-        max_update_norm=run.max_update_norm,
-        relative_update_norm=run.relative_update_norm,
-        update_norm_action=run.update_norm_action,
-        best_metric=run.best_metric or best_metric,
-        round_timeout_s=run.round_timeout_s,
-        resume_from=run.resume_from,
-        cross_site=run.cross_site,
-        cross_site_every=run.cross_site_every,
-        evaluate_every=run.evaluate_every,
-        local_baselines=run.local_baselines,
-        unseen_site=run.uses_demo and run.cross_site,
-        dp_required=run.dp_required,
-        central_dp=run.central_dp,
-        central_dp_noise_multiplier=run.central_dp_noise_multiplier,
-        central_dp_clipping_norm=run.central_dp_clipping_norm,
-        central_dp_delta=run.central_dp_delta,
-        central_dp_sites=run.central_dp_sites,
-    )
 
 
 def _wait_for_sites(grid: Grid, run: RunConfig, needed: int) -> None:
@@ -136,27 +97,33 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
             board.log_round(server_round, records)
 
     strategy.on_round_end = on_round_end
-    run_key = run_dir.name
-    common = {"run-key": run_key}
-    strategy.run(
-        grid,
-        ArrayRecord(model.state_dict()),
-        train_config=ConfigRecord({**common, "local-epochs": run.local_epochs, "lr": run.lr,
-                                   "evaluate-received": run.evaluate_received}),
-        evaluate_config=ConfigRecord(common),
-    )
-    if board is not None:
-        board.close()
-    _print_final(directory, settings.best_metric)
+    # The sites key their state by the run; the strategy adds each round's epochs and lr.
+    common = {"run-key": run_dir.name}
     try:
-        from app.report import write_report
-    except ImportError:  # report module not installed in this build
-        write_report = None
-    if write_report is not None:
-        report = write_report(run_dir)
-        print(f"Report: {report}", flush=True)
+        strategy.run(
+            grid,
+            ArrayRecord(model.state_dict()),
+            train_config=ConfigRecord({**common, "evaluate-received": run.evaluate_received}),
+            evaluate_config=ConfigRecord(common),
+        )
+    except NoSiteTrained as exc:
+        _write_report(run_dir)
+        print(f"Run failed: {exc}", flush=True)
+        print(f"Run directory: {run_dir}", flush=True)
+        raise
+    finally:
+        if board is not None:
+            board.close()
+    _print_final(directory, settings.best_metric)
+    _write_report(run_dir)
     print(f"Run directory: {run_dir}", flush=True)
     return run_dir
+
+
+def _write_report(run_dir: Path) -> None:
+    from app.report import write_report
+
+    print(f"Report: {write_report(run_dir)}", flush=True)
 
 
 def _console_printer(metric: str):

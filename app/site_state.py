@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fedimaging.io import atomic_path
+from fedimaging.weights import load_tensors
 
 _ROUND_FILE = re.compile(r"^(?P<kind>[a-z-]+)-round-(?P<round>\d{6})\.pt$")
 
@@ -41,7 +42,7 @@ class SiteStateStore:
         if not earlier:
             return None
         path = self.root / f"{kind}-round-{earlier[-1]:06d}.pt"
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
 
     def _rounds(self, kind: str) -> list[int]:
         if not self.root.is_dir():

@@ -24,7 +24,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies import STRATEGIES, RunDirectory, StrategySettings, build_strategy
+from app.config import parse_run_config, strategy_settings
+from strategies import STRATEGIES, RunDirectory, build_strategy
 
 
 def synthetic_model(num_params: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,13 +105,14 @@ def _timed(obj, name: str, totals: dict[str, float]) -> None:
 
 
 def bench_strategy(name: str, num_params: int, num_sites: int, rounds: int, root: Path) -> dict:
-    settings = StrategySettings(name=name, num_rounds=rounds, min_available_sites=num_sites, cross_site=False,
-                                relative_update_norm=3.0)
+    run = parse_run_config({"strategy": name, "num-server-rounds": rounds, "cross-site": False,
+                            "relative-update-norm": 3.0, "local-epochs": 1, "lr-schedule": "constant"})
+    settings = strategy_settings(run, "dice", num_sites)
     local = frozenset({"norm.running_mean", "norm.num_batches_tracked"})
     strategy = build_strategy(settings, RunDirectory(root / name), local)
     totals: dict[str, float] = {}
     for method in ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate",
-                   "_end_of_round"):
+                   "save_server_state"):
         _timed(strategy, method, totals)
     grid = SyntheticGrid(num_sites)
     model = synthetic_model(num_params)

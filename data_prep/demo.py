@@ -28,6 +28,7 @@ generating in parallel never see half-written data.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from scipy import ndimage
 from data_prep import demo_dicom
 from data_prep.site_dataset import write_dataset_json
 from fedimaging.io import atomic_directory
+
+log = logging.getLogger("fedimaging.demo")
 
 GENERATOR_VERSION = "v2"  # v2: written as DICOM and prepped; site-b coronal; MR stored as integers
 SEGMENTATION_LABELS = {"background": 0, "organ": 1, "lesion": 2}
@@ -271,9 +274,14 @@ def write_demo_site(
         return out_dir
     profile = scaled_profile(DEMO_PROFILES[site], size)
     site_index = list(DEMO_PROFILES).index(site)
+    total = profile.n_train + profile.n_test
+    log.info("Generating demo site %s (%d cases as DICOM, then prep; first use only, cached in %s)",
+             site, total, out_dir)
     with atomic_directory(out_dir) as tmp, demo_dicom.staging_folder(out_dir, keep_dicom) as staging:
         mapping: dict[str, dict] = {}
-        for case_index in range(profile.n_train + profile.n_test):
+        for case_index in range(total):
+            if case_index and case_index % 5 == 0:
+                log.info("Generating demo site %s: %d of %d cases", site, case_index, total)
             rng = np.random.default_rng([seed, site_index, case_index])
             with_lesion = bool(rng.random() < profile.lesion_prevalence)
             image, label, affine = synthesize_case(profile, rng, with_lesion)
@@ -283,6 +291,7 @@ def write_demo_site(
                                                 affine, held_out=case_index >= profile.n_train)
             mapping[name] = entry
         demo_dicom.write_mapping(staging, mapping)
+        log.info("Generating demo site %s: converting %d DICOM series with prep", site, total)
         demo_dicom.prep_staged_site(
             staging, tmp, secret_seed=f"fedimaging-demo/{GENERATOR_VERSION}/{seed}/{site}",
             modality=profile.modality, name=f"fedimaging-demo-{site}",

@@ -95,3 +95,24 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else raises ``error`` with a message naming the file.
+
+    Missing, unreadable, not UTF-8, not JSON, nested too deeply to parse, or not an object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path} cannot be read: {exc}") from None
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj

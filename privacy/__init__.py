@@ -6,6 +6,11 @@ on server and sites), ``PrivacyLedger`` and ``calibrate_noise_multiplier``; ``pr
 backs ``fedimaging privacy show`` and ``fedimaging privacy migrate``.
 """
 
+from fedimaging.quiet import root_logging_kept
+
+with root_logging_kept():  # opacus calls logging.basicConfig on import (every log line twice)
+    import opacus  # noqa: F401
+
 from privacy.accounting import epsilon_of
 from privacy.calibrate import BudgetExhausted, calibrate_noise_multiplier, planned_steps
 from privacy.engine import NotDPCompatible, is_dp_compatible, make_dp_compatible

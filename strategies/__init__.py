@@ -1,27 +1,34 @@
-"""Server-side strategies of fedimaging (Flower Message API; never imports monai or tasks).
+"""Server-side strategies of fedimaging (Flower Message API; never imports monai, tasks or app).
 
 The ServerApp needs two calls::
 
-    settings = StrategySettings(name=..., num_rounds=..., ...)       # app.server_app.strategy_settings
+    settings = app.config.strategy_settings(run, best_metric, min_sites)   # derived from the run config
     strategy = build_strategy(settings, RunDirectory(run_dir), local_param_names)
-    result = strategy.run(grid, initial_arrays, train_config=..., evaluate_config=...,
-                          evaluate_fn=None)   # resume, rounds, checkpoints, cross-site eval
+    result = strategy.run(grid, initial_arrays, evaluate_config=...)   # resume, rounds, checkpoints, cross-site
+
+Layout (imports go downwards only): this registry -> the variants (fedprox, fedopt, scaffold, fedbn,
+robust) and central_dp (a wrapper) -> base (Flower interface + hooks) -> run_loop (run, resume,
+finish) -> cross_site / server_state -> screening, sampling, extension -> records, validation,
+aggregation, metrics, run_dir, settings (pure functions and data).
 """
 
 from __future__ import annotations
 
 from . import central_dp
-from .base import FedImagingFedAvg, SiteUpdate
+from .base import FedImagingFedAvg
 from .fedbn import FedImagingFedBN
 from .fedopt import FedImagingFedAdam, FedImagingFedYogi
 from .fedprox import FedImagingFedProx
+from .records import SiteUpdate
 from .robust import FedImagingFedMedian, FedImagingFedTrimmedAvg
 from .run_dir import RunDirectory, load_weights, save_weights
+from .run_loop import NoSiteTrained
 from .scaffold import FedImagingScaffold
-from .settings import STRATEGY_NAMES, StrategySettings
+from .settings import StrategySettings
 
 FedImagingStrategy = FedImagingFedAvg
 
+# The one list of strategy names (run config ``strategy``).
 STRATEGIES: dict[str, type[FedImagingFedAvg]] = {
     "fedavg": FedImagingFedAvg,
     "fedprox": FedImagingFedProx,
@@ -32,7 +39,7 @@ STRATEGIES: dict[str, type[FedImagingFedAvg]] = {
     "fedmedian": FedImagingFedMedian,
     "fedtrimmedavg": FedImagingFedTrimmedAvg,
 }
-assert set(STRATEGIES) == set(STRATEGY_NAMES)
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 
 def build_strategy(
@@ -40,16 +47,17 @@ def build_strategy(
     run_dir: RunDirectory,
     local_param_names: frozenset[str] = frozenset(),
 ) -> FedImagingStrategy:
-    """The strategy named by ``settings.name``; ``local_param_names`` only matter for FedBN."""
-    cls = STRATEGIES[settings.name]
-    strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.name == "fedbn" else frozenset())
+    """The strategy named by ``settings.strategy``; ``local_param_names`` only matter for FedBN."""
+    cls = STRATEGIES[settings.strategy]
+    strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.strategy == "fedbn" else frozenset())
     if settings.central_dp != "off":
-        strategy.driver = central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds
+        central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds
     return strategy
 
 
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_NAMES",
     "FedImagingFedAdam",
     "FedImagingFedAvg",
     "FedImagingFedBN",
@@ -59,6 +67,7 @@ __all__ = [
     "FedImagingFedYogi",
     "FedImagingScaffold",
     "FedImagingStrategy",
+    "NoSiteTrained",
     "RunDirectory",
     "SiteUpdate",
     "StrategySettings",

@@ -215,13 +215,4 @@ def clip_update(
     norm = update_norm(sent, received)
     if norm <= max_norm or norm == 0.0:
         return {k: np.asarray(v) for k, v in received.items()}
-    factor = max_norm / norm
-    out: Arrays = {}
-    for key, y in received.items():
-        x = np.asarray(sent[key])
-        if not is_float(x):
-            out[key] = np.asarray(y)
-            continue
-        d = np.asarray(y, dtype=np.float64) - x.astype(np.float64)
-        out[key] = cast_like(x.astype(np.float64) + factor * d, x)
-    return out
+    return server_step(sent, received, max_norm / norm)  # sent + factor * (received - sent)

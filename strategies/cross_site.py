@@ -4,7 +4,9 @@ Models: the global model, and with ``local-baselines`` one local-only model per 
 the initial model on that site's data alone: train message with config ``local-baseline=True``
 and ``local-epochs`` = the run's total epochs). Columns: the sites, plus ``unseen`` when
 ``unseen-site`` is on (one node evaluates on the demo unseen site, config ``eval-dataset=unseen``).
-The matrix maths (``summarise``) is a pure function.
+The matrix maths (``summarise``) is a pure function. The strategy is used only through its
+public interface: ``settings``, ``global_arrays``, ``initial_arrays``, ``num_rounds``,
+``shared_keys``, ``site_of``, ``evaluate_config`` and ``run_dir``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedimaging.io import atomic_write_json
+
 from . import validation
-from .base import to_numpy, to_record
+from .records import to_numpy, to_record
+from .run_dir import json_safe
 
 if TYPE_CHECKING:
     from .base import FedImagingFedAvg
@@ -82,14 +87,13 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
             "server-round": server_round,
             "local-baseline": True,
             "local-epochs": int(s.local_epochs * max(strategy.num_rounds, 1)),
-            "lr": float(s.lr),
-            "strategy": s.name,
+            "lr": float(s.round_lr(0)),
         })
         content = RecordDict({"arrays": to_record(initial), "config": cfg})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
         log(INFO, "cross-site: training %d local-only baseline(s)", len(msgs))
         for reply in sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda m: int(m.metadata.src_node_id)):
-            site = strategy._site_of(reply)
+            site = strategy.site_of(reply)
             reason = _local_model_problem(reply, initial)
             if reason:
                 excluded[f"local:{site}"] = reason
@@ -100,8 +104,7 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
     scores: dict[tuple[str, str], float | None] = {}
     site_names: set[str] = set()
     for name in sorted(models, key=lambda m: (m != "global", m)):
-        cfg = ConfigRecord({**dict(strategy._evaluate_config), "server-round": server_round,
-                            "cross-site": True, "model": name})
+        cfg = ConfigRecord({**dict(strategy.evaluate_config), "server-round": server_round})
         content = RecordDict({"arrays": to_record(models[name]), "config": cfg})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         batches = [(False, msgs)]
@@ -111,7 +114,7 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
                                            dst_node_id=nodes[0], message_type=MessageType.EVALUATE)]))
         for unseen, batch in batches:
             for reply in grid.send_and_receive(batch, timeout=timeout):
-                site = UNSEEN if unseen else strategy._site_of(reply)
+                site = UNSEEN if unseen else strategy.site_of(reply)
                 site_names.add(site)
                 value, reason = _metric_of(reply, metric)
                 if reason:
@@ -133,10 +136,6 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
     if final:
         strategy.run_dir.write_cross_site(result)
     else:
-        from fedimaging.io import atomic_write_json
-
-        from .run_dir import json_safe
-
         atomic_write_json(strategy.run_dir.root / "cross_site" / f"round-{server_round:05d}.json", json_safe(result))
     for key, reason in excluded.items():
         log(WARNING, "cross-site: %s: %s", key, reason)
@@ -160,6 +159,9 @@ def _metric_of(reply: Message, metric: str) -> tuple[float | None, str | None]:
     if reply.has_error():
         return None, validation.short(f"error reply (code {reply.error.code}): {reply.error.reason}")
     metrics = reply.content.metric_records.get("metrics")
+    if validation.is_refusal(metrics):
+        site_cfg = reply.content.config_records.get("site")
+        return None, validation.short(f"refused: {site_cfg.get('refused-reason', 'unspecified') if site_cfg else 'unspecified'}")
     if metrics is None or metric not in metrics:
         return None, f"no '{metric}' in the reply"
     value = metrics[metric]

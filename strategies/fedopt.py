@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .aggregation import Arrays, adam_step, weighted_mean
-from .base import FedImagingFedAvg, SiteUpdate
+from .base import FedImagingFedAvg
+from .records import SiteUpdate
 
 
 class FedImagingFedAdam(FedImagingFedAvg):

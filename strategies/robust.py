@@ -7,7 +7,8 @@ the result far, whatever its case count claims.
 from __future__ import annotations
 
 from .aggregation import Arrays, coordinate_median, server_step, trimmed_mean
-from .base import FedImagingFedAvg, SiteUpdate
+from .base import FedImagingFedAvg
+from .records import SiteUpdate
 
 
 class FedImagingFedMedian(FedImagingFedAvg):

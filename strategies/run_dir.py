@@ -25,7 +25,9 @@ from fedimaging.io import (
     atomic_path,
     atomic_write_json,
     atomic_write_text,
+    read_json_object,
 )
+from fedimaging.weights import load_tensors
 
 from .metrics import _plain
 
@@ -45,16 +47,7 @@ def save_weights(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 def load_weights(path: str | Path) -> Arrays:
     """Load a weights-only state dict as numpy arrays; a clear error names the file."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"weights file not found: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise ValueError(f"cannot read weights file {path}: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a dict of tensors")
-    return {str(k): v.detach().cpu().numpy() for k, v in state.items()}
+    return {k: v.detach().numpy() for k, v in load_tensors(path).items()}
 
 
 def json_safe(obj: Any) -> Any:
@@ -110,6 +103,14 @@ class RunDirectory:
 
     def write_cross_site(self, result: Mapping[str, Any]) -> None:
         atomic_write_json(self.cross_site_path, json_safe(dict(result)))
+
+    @property
+    def failure_path(self) -> Path:
+        return self.root / "failed.json"
+
+    def write_failure(self, reason: str) -> None:
+        """``failed.json``: the run ended without a trained model, and why (the report reads it)."""
+        atomic_write_json(self.failure_path, {"status": "failed", "reason": reason})
 
     # --- metrics.jsonl ---------------------------------------------------------------------
     def append_metrics(self, record: Mapping[str, Any]) -> None:
@@ -202,8 +203,7 @@ def load_server_state(run_root: str | Path) -> tuple[int, dict[str, Arrays], dic
     if not latest.exists():
         return None
     try:
-        pointer = json.loads(latest.read_text(encoding="utf-8"))
-        folder = str(pointer["folder"])
+        folder = str(read_json_object(latest)["folder"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read {latest}: {exc}") from None
     _check_name(folder)
@@ -212,7 +212,7 @@ def load_server_state(run_root: str | Path) -> tuple[int, dict[str, Arrays], dic
     if not state_file.exists():
         raise ValueError(f"server state {path} is incomplete (no state.json)")
     try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        state = read_json_object(state_file)
         server_round = int(state["round"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot read {state_file}: {exc}") from None

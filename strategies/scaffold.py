@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from . import validation
 from .aggregation import Arrays, scaffold_step, weighted_mean
-from .base import FedImagingFedAvg, SiteUpdate, to_numpy, to_record
+from .base import FedImagingFedAvg
+from .records import SiteUpdate, to_numpy, to_record
 
 CONTROL_KEY = "scaffold-c"
 DELTA_KEY = "scaffold-delta-c"
@@ -56,7 +57,7 @@ class FedImagingScaffold(FedImagingFedAvg):
         assert self.control is not None
         new, self.control = scaffold_step(
             current, mean, self.control, mean_dc, server_lr=self.settings.effective_server_lr,
-            num_sampled=len(updates), num_total=max(self._train_population, len(updates)),
+            num_sampled=len(updates), num_total=max(self.train_population, len(updates)),
         )
         return new
 

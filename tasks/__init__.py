@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult
+from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
+from tasks.data import SiteDataCache
+from tasks.training import make_optimizer
 
 TASK_NAMES = ("segmentation", "classification")
 
@@ -20,4 +22,7 @@ def get_task(name: str, settings: TaskSettings) -> Task:
     raise ValueError(f"task must be one of {TASK_NAMES}, got {name!r}")
 
 
-__all__ = ["LocalTrainingOptions", "Task", "TaskSettings", "TrainResult", "get_task", "TASK_NAMES"]
+# What the ClientApp uses: the task registry, its settings and options, the site data cache,
+# the training device and the optimizer a DP session is built with.
+__all__ = ["LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES", "device",
+           "get_task", "make_optimizer"]

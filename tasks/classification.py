@@ -30,9 +30,9 @@ from torch.nn import functional as F
 
 from data_prep.site_dataset import DatasetError, SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
-from tasks.data import SiteData, cached_site_data, seeded_generator
-from tasks.segmentation import check_channels, image_item, preprocessing
-from tasks.training import train_dp, train_local
+from tasks.data import SiteData, check_channels, prepare_site_data
+from tasks.training import train_round
+from tasks.transforms import preprocessing
 
 IMAGE = ("image",)
 DENSENET121 = {"init_features": 64, "growth_rate": 32, "block_config": (6, 12, 24, 16)}
@@ -128,37 +128,14 @@ class ClassificationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": image_item(c), "label": int(c.label)} for c in dataset.training]
-        test_items = [{"image": image_item(c), "label": int(c.label)} for c in dataset.test if c.label is not None]
-        return cached_site_data(
-            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            self.inference_transform(channels), s.spacing, s.cache_max_mb, channels=s.in_channels,
-        )
+        return prepare_site_data(dataset, s, Compose(train_chain), self.inference_transform(channels),
+                                 label=int, channels=s.in_channels)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
-        dev = device()
-        model.to(dev)
-        site_data.reseed(options.seed)
         n, batch_size = len(site_data.train), self.settings.batch_size
         # A trailing batch of one case breaks BatchNorm at small sizes (1 value per channel).
-        drop_last = n > batch_size and n % batch_size == 1
-
-        def batches(epoch: int):
-            loader = DataLoader(
-                site_data.train, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=drop_last,
-                generator=seeded_generator(options.seed * 1000 + epoch),
-            )
-            yield from loader
-
-        def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
-            return F.cross_entropy(net(batch["image"].to(dev)), batch["label"].long().to(dev))
-
-        if options.dp is not None:
-            loss, steps, seconds = train_dp(options.dp, options.epochs, self.split_batch, self.per_sample_loss)
-            return TrainResult(site_data.num_train_cases, loss, steps, seconds)
-        lr = options.lr if options.lr is not None else self.settings.lr
-        loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
-        return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+        return train_round(self, model, site_data, options, drop_last=n > batch_size and n % batch_size == 1,
+                           batch_loss=lambda logits, label: F.cross_entropy(logits, label.long()))
 
     def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy per case, for DP-SGD."""

@@ -10,6 +10,8 @@ new process (Flower starts one per message) does not re-prepare the site.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from data_prep.site_dataset import Case, DatasetError
+
+log = logging.getLogger("fedimaging.tasks")
 
 
 def estimated_bytes(cases: tuple[Case, ...], spacing: tuple[float, float, float], channels: int = 2) -> int:
@@ -108,6 +112,9 @@ def cached_site_data(
 
     from tasks.cache import active, cached_dataset
 
+    log.info("Preparing the site's data: %d training and %d test cases (read from the site's preprocessed "
+             "cache where present, else loaded and resampled)", len(train_items), len(test_items))
+    started = time.monotonic()
     budget = budget_mb // 2 if test_items else budget_mb
     disk = active()
     try:
@@ -130,4 +137,33 @@ def cached_site_data(
     except Exception as exc:  # noqa: BLE001 - corrupt voxels surface only when MONAI reads them
         raise DatasetError(f"{dataset.root}: a case could not be read ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
+    log.info("Prepared the site's data in %.1f s", time.monotonic() - started)
     return SiteData(train, test, len(train_items), modality)
+
+
+def image_item(case: Case) -> str | list[str]:
+    """What LoadImaged reads for a case: one file, or one file per channel (stacked as channels)."""
+    return str(case.image) if len(case.images) == 1 else [str(p) for p in case.images]
+
+
+def check_channels(dataset: Any, in_channels: int) -> None:
+    """A site's image channels must match the model's ``in_channels``; the message says what to set."""
+    if dataset.num_channels != in_channels:
+        raise DatasetError(
+            f"{dataset.root}: dataset has {dataset.num_channels} channel(s) {list(dataset.channel_names)} but the "
+            f"model takes {in_channels}; set --run-config 'in-channels={dataset.num_channels}'"
+        )
+
+
+def prepare_site_data(dataset: Any, settings: Any, train_transform: Any, test_transform: Any,
+                      label: Callable[[Any], Any], channels: int) -> SiteData:
+    """The prepare step both tasks share: the dataset's case lists, cached through the transforms.
+
+    ``label`` turns a case's label (a path or a class index) into what the transforms expect;
+    test cases without a label are not evaluated. ``channels``: float32 arrays per case after
+    preprocessing (image channels, plus the label map for segmentation), for the cache budget.
+    """
+    train_items = [{"image": image_item(c), "label": label(c.label)} for c in dataset.training]
+    test_items = [{"image": image_item(c), "label": label(c.label)} for c in dataset.test if c.label is not None]
+    return cached_site_data(dataset, dataset.modality, train_items, test_items, train_transform, test_transform,
+                            settings.spacing, settings.cache_max_mb, channels=channels)

@@ -1,4 +1,4 @@
-"""3D segmentation with a MONAI UNet: transforms, DiceCE training, Dice/HD95 evaluation.
+"""3D segmentation with a MONAI UNet: augmentation, DiceCE training, Dice/HD95 evaluation.
 
 Evaluation runs sliding-window inference on whole volumes at the task spacing (RAS,
 resampled), which is where the model works; metrics are therefore in task-spacing voxels
@@ -8,6 +8,7 @@ converted to mm for HD95.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -19,62 +20,19 @@ from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    Orientationd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    Spacingd,
     SpatialPadd,
 )
 from torch import nn
 
 from data_prep.site_dataset import DatasetError, SiteDataset
-from tasks.channels import normalization
 from tasks.base import LocalTrainingOptions, Task, TrainResult, device
-from tasks.data import SiteData, cached_site_data, seeded_generator
-from tasks.training import train_dp, train_local
-
-KEYS = ("image", "label")
-
-
-def intensity_transform(modality, ct_window: tuple[float, float]):
-    """Per channel: CT clipped to a HU window and scaled to [0, 1]; MR (and others) z-scored inside the body.
-
-    ``modality`` is one channel's name (``CT``, ``MR``) or the names of all channels.
-    """
-    return normalization(modality, ct_window)
-
-
-def image_item(case) -> str | list[str]:
-    """What LoadImaged reads for a case: one file, or one file per channel (stacked as channels)."""
-    return str(case.image) if len(case.images) == 1 else [str(p) for p in case.images]
-
-
-def check_channels(dataset: SiteDataset, in_channels: int) -> None:
-    """A site's image channels must match the model's ``in_channels``; the message says what to set."""
-    if dataset.num_channels != in_channels:
-        raise ValueError(
-            f"{dataset.root}: dataset has {dataset.num_channels} channel(s) {list(dataset.channel_names)} but the "
-            f"model takes {in_channels}; set --run-config 'in-channels={dataset.num_channels}'"
-        )
-
-
-def preprocessing(modality, spacing, ct_window, keys=KEYS) -> list:
-    """Deterministic part of the chain (cached): load, channel-first, RAS, resample, normalise."""
-    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
-    return [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS"),
-        Spacingd(keys, pixdim=spacing, mode=modes),
-        intensity_transform(modality, ct_window),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=False),
-    ]
-
+from tasks.data import SiteData, check_channels, prepare_site_data
+from tasks.training import train_round
+from tasks.transforms import KEYS, preprocessing  # noqa: F401 - preprocessing: also predict's import
 
 class SegmentationTask(Task):
     """MONAI UNet segmentation of the dataset's labels (background + foreground classes)."""
@@ -123,35 +81,11 @@ class SegmentationTask(Task):
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
         ]
-        train_items = [{"image": image_item(c), "label": str(c.label)} for c in dataset.training]
-        test_items = [{"image": image_item(c), "label": str(c.label)} for c in dataset.test if c.label is not None]
-        return cached_site_data(
-            dataset, dataset.modality, train_items, test_items, Compose(train_chain),
-            Compose(preprocessing(channels, s.spacing, s.ct_window)), s.spacing, s.cache_max_mb,
-            channels=s.in_channels + 1,
-        )
+        return prepare_site_data(dataset, s, Compose(train_chain), Compose(preprocessing(channels, s.spacing, s.ct_window)),
+                                 label=str, channels=s.in_channels + 1)
 
     def train(self, model: nn.Module, site_data: SiteData, options: LocalTrainingOptions) -> TrainResult:
-        dev = device()
-        model.to(dev)
-        site_data.reseed(options.seed)
-
-        def batches(epoch: int):
-            loader = DataLoader(
-                site_data.train, batch_size=self.settings.batch_size, shuffle=True, num_workers=0,
-                generator=seeded_generator(options.seed * 1000 + epoch),
-            )
-            yield from loader
-
-        def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
-            return self.loss_fn(net(batch["image"].to(dev)), batch["label"].to(dev))
-
-        if options.dp is not None:
-            loss, steps, seconds = train_dp(options.dp, options.epochs, self.split_batch, self.per_sample_loss)
-            return TrainResult(site_data.num_train_cases, loss, steps, seconds)
-        lr = options.lr if options.lr is not None else self.settings.lr
-        loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, self.settings.optimizer, lr)
-        return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)
+        return train_round(self, model, site_data, options, batch_loss=self.loss_fn)
 
     def per_sample_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Dice + cross-entropy per sample (DiceCELoss without batch reduction), for DP-SGD."""
@@ -187,7 +121,12 @@ class SegmentationTask(Task):
             pred = one_hot(logits.argmax(dim=1, keepdim=True), self.num_classes)
             truth = one_hot(label.long(), self.num_classes)
             dice(pred, truth)
-            hd95(pred, truth, spacing=list(self.settings.spacing))
+            with warnings.catch_warnings():
+                # A class absent from prediction or truth gives inf/NaN, which is skipped below;
+                # MONAI also warns about its own internal use of a deprecated argument.
+                warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
+                warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
+                hd95(pred, truth, spacing=list(self.settings.spacing))
         per_class = dice.aggregate().cpu().numpy()  # NaN for a class no test case contains
         distances = hd95.aggregate().cpu().numpy()
         finite = distances[np.isfinite(distances)]

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.base import LocalTrainingOptions
+from tasks.base import LocalTrainingOptions, Task, TrainResult, device
+
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -111,3 +114,31 @@ def train_dp(
                 total += session.step(inputs, targets, per_sample_loss).loss
             steps += 1
     return total / max(steps, 1), steps, time.perf_counter() - start
+
+
+def train_round(task: Task, model: nn.Module, site_data: Any, options: LocalTrainingOptions, *,
+                batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                drop_last: bool = False) -> TrainResult:
+    """One round of local training, the same for every task: DP-SGD through the site's session,
+    else ``train_local`` over seeded, shuffled batches; the task gives only its loss."""
+    from monai.data import DataLoader
+
+    from tasks.data import seeded_generator
+
+    dev = device()
+    model.to(dev)
+    site_data.reseed(options.seed)
+    if options.dp is not None:
+        loss, steps, seconds = train_dp(options.dp, options.epochs, task.split_batch, task.per_sample_loss)
+        return TrainResult(site_data.num_train_cases, loss, steps, seconds)
+
+    def batches(epoch: int):
+        yield from DataLoader(site_data.train, batch_size=task.settings.batch_size, shuffle=True, num_workers=0,
+                              drop_last=drop_last, generator=seeded_generator(options.seed * 1000 + epoch))
+
+    def step_loss(net: nn.Module, batch: dict) -> torch.Tensor:
+        return batch_loss(net(batch["image"].to(dev)), batch["label"].to(dev))
+
+    lr = options.lr if options.lr is not None else task.settings.lr
+    loss, steps, seconds, delta_c = train_local(model, batches, step_loss, options, task.settings.optimizer, lr)
+    return TrainResult(site_data.num_train_cases, loss, steps, seconds, scaffold_delta=delta_c)

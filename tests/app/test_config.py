@@ -85,7 +85,7 @@ def test_simulation_maps_partitions_to_demo_sites(tmp_path):
 
 
 def test_deployed_studies_do_not_use_the_demo(tmp_path):
-    from app.server_app import strategy_settings
+    from app.config import strategy_settings
 
     demo = parse_run_config({})
     deployed = parse_run_config({"demo": False, "min-available-sites": 5})
@@ -97,10 +97,92 @@ def test_deployed_studies_do_not_use_the_demo(tmp_path):
 
 
 def test_round_learning_rate_decays_from_lr_to_a_tenth():
-    config = parse_run_config({"num-server-rounds": 5, "lr": 0.01})
-    rates = [config.round_lr(0.01, r) for r in range(1, 6)]
+    from app.config import strategy_settings
+
+    settings = strategy_settings(parse_run_config({"num-server-rounds": 5, "lr": 0.01}), "dice", 3)
+    rates = [settings.round_lr(r) for r in range(1, 6)]
     assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
     assert rates[2] == pytest.approx(0.0055)  # half-way: 0.1 + 0.9 * 0.5
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    constant = parse_run_config({"lr-schedule": "constant"})
-    assert constant.round_lr(0.01, 7) == 0.01
+    assert settings.round_lr(0) == 0.01  # local baselines: no schedule
+    constant = strategy_settings(parse_run_config({"lr-schedule": "constant", "lr": 0.01}), "dice", 3)
+    assert constant.round_lr(7) == 0.01
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        ({"spacing": "0,1,1"}, "spacing"),
+        ({"spacing": "-1"}, "spacing"),
+        ({"spacing": "nan,1,1"}, "spacing"),
+        ({"spacing": "inf"}, "spacing"),
+        ({"roi-size": "30,32,32"}, "roi-size"),
+        ({"lr": "inf"}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"dp-delta": 1.0}, "dp-delta"),
+        ({"dp-delta": -1e-5}, "dp-delta"),
+        ({"dp-max-grad-norm": 0}, "dp-max-grad-norm"),
+        ({"min-train-sites": -1}, "min-train-sites"),
+        ({"tau": 0}, "tau"),
+        ({"tau": -0.1}, "tau"),
+        ({"run-name": ".."}, "run-name"),
+        ({"run-name": "."}, "run-name"),
+        ({"num-server-rounds": "inf"}, "num-server-rounds"),
+        ({"num-server-rounds": 10**400}, "num-server-rounds"),
+        ({"seed": "1e400"}, "seed"),
+        ({"beta-1": 1.0}, "beta-1"),
+        ({"server-lr": -1}, "server-lr"),
+        ({"round-timeout-s": 0}, "round-timeout-s"),
+        ({"run-dir": "a\x00b"}, "run-dir"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_now(raw, named):
+    with pytest.raises(ConfigError, match=named):
+        parse_run_config(raw)
+
+
+def test_dp_delta_zero_still_means_the_sites_default():
+    assert parse_run_config({"dp-delta": 0}).dp_delta == 0.0
+    assert parse_run_config({"dp-delta": 1e-6}).dp_delta == 1e-6
+
+
+def test_pyproject_lists_every_key_with_its_default():
+    """The one definition is RunConfig: pyproject holds exactly its keys, with its values."""
+    pyproject, defaults = pyproject_run_config(), RunConfig().to_json()
+    assert sorted(pyproject) == sorted(defaults)
+    for key, value in defaults.items():
+        if isinstance(value, list):  # written as text, e.g. spacing = "3,3,3"
+            assert [type(v)(x) for v, x in zip(value, pyproject[key].split(","))] == value, key
+        else:
+            assert pyproject[key] == value and type(pyproject[key]) is type(value), key
+
+
+BOUNDARY = [0, 1, -1, 0.5, 1.0, 8, 1e-12, 1e308, 10**400, float("nan"), float("inf"), -float("inf"), "", " ",
+            "nan", "inf", "-inf", "1e400", "abc", "1,2", "1,2,3", "8,8,8", "0,0,0", "-150,250", "..", "../x",
+            "a\x00b", "true", "false", "yes", True, False, None, [1, 2, 3], [8, 8, 8], {"a": 1}, "fedavg",
+            "segmentation", "cosine", "server-side", "{site}", "\u00e9\u00e8"]
+
+
+def test_fuzzed_run_configs_give_a_config_or_a_config_error():
+    """Random and boundary values for every key: a valid object or ConfigError, nothing else."""
+    import random
+
+    from app.config import strategy_settings
+
+    rng = random.Random(20261201)
+    keys = list(RunConfig().to_json())
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(3000):
+        raw = {}
+        for key in rng.sample(keys, rng.randint(1, 4)):
+            raw[key] = rng.choice(BOUNDARY) if rng.random() < 0.7 else rng.uniform(-1e6, 1e6)
+        try:
+            config = parse_run_config(raw)
+        except ConfigError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["ok"] += 1
+        config.task_settings()  # what the sites derive must not fail either
+        strategy_settings(config, "dice", max(1, config.min_available_sites))
+        assert RunConfig(**{f: getattr(config, f) for f in config.__dataclass_fields__}) == config
+    assert outcomes["ok"] > 100 and outcomes["refused"] > 100, outcomes

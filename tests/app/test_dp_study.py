@@ -14,6 +14,7 @@ from app.client_app import app as client_app
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from privacy import PrivacyLedger
+from strategies import NoSiteTrained
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +24,17 @@ TINY = {
 }
 
 
-def _run(home, run_dir, **extra):
+def _run(home, run_dir, nobody_trains=False, **extra):
     raw = {**TINY, "home": str(home), "run-dir": str(run_dir), **extra}
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
-    run_study(grid, raw, run_id=11)
+    if nobody_trains:  # a run in which no site trained fails, without a model written as if trained
+        with pytest.raises(NoSiteTrained):
+            run_study(grid, raw, run_id=11)
+        assert json.loads((run_dir / "failed.json").read_text())["status"] == "failed"
+        assert not (run_dir / "final_model.pt").exists() and not (run_dir / "checkpoints" / "best.pt").exists()
+        assert "status | failed" in (run_dir / "report.md").read_text()
+    else:
+        run_study(grid, raw, run_id=11)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -38,7 +46,7 @@ def dp_runs(tmp_path_factory):
     smoke = _run(home, home / "run1", **{"dp-epsilon": 4.0, "dp-study-epsilon": 1.0})
     default = _run(home, home / "run2", **{"dp-epsilon": 4.0, "num-server-rounds": 1})
     rest = _run(home, home / "run3", **{"dp-epsilon": 4.0, "dp-study-epsilon": 4.0, "num-server-rounds": 1})
-    late = _run(home, home / "run4", **{"dp-epsilon": 4.0, "dp-study-epsilon": 1.0})
+    late = _run(home, home / "run4", nobody_trains=True, **{"dp-epsilon": 4.0, "dp-study-epsilon": 1.0})
     return home, smoke, default, rest, late
 
 
@@ -94,14 +102,14 @@ def test_a_site_whose_ledger_was_deleted_refuses_with_a_code_and_no_path(dp_runs
     state = tmp_path / "site-state"
     shutil.copytree(home / "site-state", state)
     (state / "site-a" / "privacy" / "ledger.json").unlink()
-    records = _run(home, tmp_path / "run", **{"dp-epsilon": 4.0, "dp-study-epsilon": 0.1, "num-server-rounds": 1,
-                                              "state-root": str(state)})
+    records = _run(home, tmp_path / "run", nobody_trains=True,
+                   **{"dp-epsilon": 4.0, "dp-study-epsilon": 0.1, "num-server-rounds": 1, "state-root": str(state)})
     assert _train(records)[0]["excluded"] == {"site-a": "refused: privacy-ledger-error",
                                               "site-b": "refused: privacy-budget-exhausted"}
 
 
 def test_dp_required_rejects_sites_without_dp(tmp_path):
-    records = _run(tmp_path, tmp_path / "run", **{"dp-required": True, "num-server-rounds": 1})
+    records = _run(tmp_path, tmp_path / "run", nobody_trains=True, **{"dp-required": True, "num-server-rounds": 1})
     excluded = records[0]["excluded"]
     assert set(excluded) == {"site-a", "site-b"}
     assert all("dp-required" in reason for reason in excluded.values())

@@ -7,7 +7,10 @@ any other text leaves a site.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,8 @@ TINY = {
     "local-baselines": True, "strategy": "scaffold", "optimizer": "sgd", "lr": 0.01,
 }
 SITE_KEYS = {"site-name", "refused-reason", "eval-dataset", "channel-names"}
+README = Path(__file__).resolve().parents[2] / "README.md"
+CONSOLE: dict[str, str] = {}  # what the captured study printed
 
 
 class CapturingGrid(LocalGrid):
@@ -43,7 +48,10 @@ def captured(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     raw = {**TINY, "home": str(home), "run-dir": str(home / "run")}
     grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], raw)
-    run_study(grid, raw, run_id=7)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_study(grid, raw, run_id=7)
+    CONSOLE["stdout"] = out.getvalue()
     config = parse_run_config(raw)
     model = get_task(config.task, config.task_settings()).build_model()
     return grid.replies, home, {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -150,3 +158,106 @@ def test_preprocessed_cache_stays_in_state_dir_never_in_a_dataset_folder_or_repl
     assert len(secrets) > len(entries)
     for text in texts:
         assert not any(secret in text for secret in secrets), f"a cache key or content hash in {text!r}"
+
+
+@pytest.fixture(scope="module")
+def failing(captured, tmp_path_factory):
+    """A study whose sites fail in three ways: a label that is not gzip, no dataset, a bad dataset.json."""
+    import logging
+    import shutil
+
+    _, home, _ = captured
+    good = next(p.parent for p in sorted(home.rglob("dataset.json")) if "site-a" in str(p))
+    root = tmp_path_factory.mktemp("failing")
+    sites = root / "hospital-data"
+    shutil.copytree(good, sites / "site-0")
+    shutil.copytree(good, sites / "site-1")
+    label = sorted((sites / "site-1" / "labelsTr").iterdir())[0]
+    label.write_bytes(b"this is not a gzip file")  # nibabel raises, not DatasetError
+    (sites / "site-2").mkdir()
+    (sites / "site-2" / "dataset.json").write_text('{"training": [{"image": "/etc/passwd"}]}')
+    raw = {**TINY, "local-baselines": False, "home": str(root), "run-dir": str(root / "run"),
+           "data-path-template": str(sites / "{site}"), "strategy": "fedavg"}
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], raw)
+    handler = _ListHandler()
+    logger = logging.getLogger("fedimaging.site")
+    logger.addHandler(handler)
+    try:
+        run_study(grid, raw, run_id=8)
+    finally:
+        logger.removeHandler(handler)
+    return grid.replies, root, label, handler.text()
+
+
+class _ListHandler(__import__("logging").Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def test_a_failing_site_reports_a_reason_code_and_no_path(failing):
+    import json
+
+    from app.site_failures import CODES, refusal_reason
+
+    replies, root, label, _ = failing
+    allowed = {refusal_reason(code) for code in CODES}
+    reasons = []
+    for reply in replies:
+        assert not reply.has_error(), reply.error.reason  # nothing escapes as Flower's error text
+        site = reply.content.config_records.get("site")
+        if site is not None and "refused-reason" in site:
+            reasons.append(site["refused-reason"])
+            assert site["refused-reason"] in allowed
+    assert refusal_reason("dataset-unreadable") in reasons  # site-1's label
+    assert refusal_reason("dataset-invalid") in reasons  # site-2's dataset.json
+    # what the server stored
+    lines = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    excluded = {site: reason for line in lines for site, reason in line["excluded"].items()}
+    assert set(excluded) == {"site-1", "site-2"}
+    for reason in excluded.values():
+        assert str(root) not in reason and "/" not in reason and label.name not in reason
+    assert lines[0]["sites"]["site-0"]["num-examples"] == 4  # the good site still trained
+
+
+def test_a_failing_site_logs_the_full_error_at_the_site(failing):
+    _, root, label, site_log = failing
+    assert label.name in site_log  # the operator can find the file
+    assert "Traceback" in site_log and "site-2" in site_log
+
+
+def _readme_console_block() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### What you see"):]
+    return section.split("```\n", 2)[1].splitlines()
+
+
+def _shape(line: str) -> str:
+    """A console line with its numbers and paths replaced: what must match between runs."""
+    line = re.sub(r"(Run directory|Report): .*", r"\1: PATH", line)
+    return " ".join(re.sub(r"-?\d+(\.\d+)?", "N", line).split())
+
+
+def _column_ends(line: str) -> list[int]:
+    return [m.end() for m in re.finditer(r"\S+", line)]
+
+
+def test_the_readme_shows_what_a_real_run_prints(captured):
+    real = CONSOLE["stdout"].splitlines()
+    shown = [line for line in _readme_console_block() if line.strip() != "..."]
+    assert shown[1:3] == real[1:3]  # column titles and rule, character for character
+    real_rows = [line for line in real if re.match(r"\s+\d+\s", line)]
+    shown_rows = [line for line in shown if re.match(r"\s+\d+\s", line)]
+    assert real_rows and shown_rows
+    for row in shown_rows:  # right-aligned columns end where the real ones do
+        assert _column_ends(row) == _column_ends(real_rows[0]), row
+        assert _shape(row) == _shape(real_rows[0]), row
+    # the other lines, in order: run directory, (table), final result, report, run directory
+    others = lambda lines: [_shape(x) for x in lines if not re.match(r"\s+\d+\s|round |-+$", x)]  # noqa: E731
+    assert others(shown) == others(real)

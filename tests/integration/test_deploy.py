@@ -184,9 +184,10 @@ def test_clientapp_refuses_a_missing_or_invalid_site_dataset(make_federation, da
     log = _finish(fed, run, 600)
     train = [r for r in _metrics(run_dir) if r["phase"] == "train"]
     assert len(train) == 1
-    assert set(train[0]["sites"]) == {"site-a"}
+    trained = {site for site, metrics in train[0]["sites"].items() if metrics.get("num-examples")}
+    assert trained == {"site-a"}
     assert len(train[0]["excluded"]) == 1
-    assert "dataset" in json.dumps(train[0]["excluded"])
+    assert "site-failure dataset-invalid" in json.dumps(train[0]["excluded"])  # a reason code, no path
     # the site's own log names the file; nothing that leaves the site does
     assert str(manifest) in bad.log()
     assert str(broken) not in log and str(broken) not in (run_dir / "metrics.jsonl").read_text()

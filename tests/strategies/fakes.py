@@ -8,15 +8,34 @@ tests can check that aggregation does not depend on arrival order.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from app.config import parse_run_config, strategy_settings
 from bench.local_grid import InProcessGrid, copy_content
+from strategies import StrategySettings
 
 Site = Callable[[Message], "RecordDict | Error"]
+
+
+# Small runs for the numpy sites: the run config's keys, with test-sized values.
+SMALL_RUN = {"num_server_rounds": 3, "local_epochs": 1, "lr": 1e-3, "lr_schedule": "constant", "best_metric": "dice"}
+
+
+def small_settings(min_available_sites: int = 2, unseen_site: bool = False, **run_keys) -> StrategySettings:
+    """StrategySettings as the ServerApp derives them, from run-config keys (snake_case here).
+
+    Goes through the one validation (``app.config``); ``min_available_sites`` is the number of
+    sites the study waits for, ``unseen_site`` whether one evaluates on the demo's unseen site.
+    """
+    raw = {k.replace("_", "-"): v for k, v in {**SMALL_RUN, **run_keys}.items()}
+    run = parse_run_config(raw)
+    settings = strategy_settings(run, run.best_metric, min_available_sites)
+    return dataclasses.replace(settings, unseen_site=unseen_site)
 
 
 class Interrupted(RuntimeError):

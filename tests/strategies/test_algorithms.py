@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import RunDirectory, build_strategy
 from strategies.aggregation import clip_update, update_norm, weighted_mean
 
-from .fakes import FakeGrid, reply_to, train_reply
+from .fakes import small_settings, FakeGrid, reply_to, train_reply
 from .sites import LeastSquaresSite, global_optimum, initial_model, make_problem
 
 
@@ -43,7 +43,7 @@ def drive(strategy, grid, arrays, rounds):
 def _setup(tmp_path, name, data, local_keys=frozenset(), use_bias=False, **kw):
     sites = {i + 1: LeastSquaresSite(f"site-{i + 1}", a, y, local_steps=20, use_bias=use_bias, local_keys=local_keys)
              for i, (a, y) in enumerate(data)}
-    settings = StrategySettings(name=name, min_available_sites=1, cross_site=False, **kw)
+    settings = small_settings(strategy=name, min_available_sites=1, cross_site=False, **kw)
     return build_strategy(settings, RunDirectory(tmp_path / name), local_keys), sites
 
 
@@ -148,7 +148,7 @@ def test_robust_aggregation_resists_one_poisoned_site(tmp_path, name):
     honest, replies = _poisoned_replies(1000.0)
     init = {"w": np.zeros(4, np.float32)}
     grid = FakeGrid({n: (lambda m: None) for n in range(1, 6)})
-    strategy = build_strategy(StrategySettings(name=name, min_available_sites=1, cross_site=False, trim_fraction=0.2),
+    strategy = build_strategy(small_settings(strategy=name, min_available_sites=1, cross_site=False, trim_fraction=0.2),
                               RunDirectory(tmp_path / name))
     list(strategy.configure_train(1, _record(init), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -165,7 +165,7 @@ def test_relative_norm_bound_handles_outlier(tmp_path, action):
     honest, replies = _poisoned_replies(50.0)
     init = {"w": np.zeros(4, np.float32)}
     grid = FakeGrid({n: (lambda m: None) for n in range(1, 6)})
-    settings = StrategySettings(min_available_sites=1, cross_site=False, relative_update_norm=3.0,
+    settings = small_settings(min_available_sites=1, cross_site=False, relative_update_norm=3.0,
                                 update_norm_action=action)
     strategy = build_strategy(settings, RunDirectory(tmp_path / action))
     list(strategy.configure_train(1, _record(init), ConfigRecord(), grid))
@@ -190,7 +190,7 @@ def test_absolute_norm_bound(tmp_path):
     honest, replies = _poisoned_replies(1.0)  # nobody is an outlier ...
     init = {"w": np.zeros(4, np.float32)}
     grid = FakeGrid({n: (lambda m: None) for n in range(1, 6)})
-    settings = StrategySettings(min_available_sites=1, cross_site=False, max_update_norm=1.0)  # ... but all exceed 1
+    settings = small_settings(min_available_sites=1, cross_site=False, max_update_norm=1.0)  # ... but all exceed 1
     strategy = build_strategy(settings, RunDirectory(tmp_path / "abs"))
     list(strategy.configure_train(1, _record(init), ConfigRecord(), grid))
     arrays, _ = strategy.aggregate_train(1, replies)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import RunDirectory, build_strategy
 from strategies.aggregation import weighted_mean
 
-from .fakes import FakeGrid, eval_reply, refusal, reply_to, train_reply
+from .fakes import small_settings, FakeGrid, eval_reply, refusal, reply_to, train_reply
 from .sites import LeastSquaresSite, initial_model, make_problem
 
 
@@ -30,7 +30,7 @@ def _record(arrays):
 
 
 def _strategy(tmp_path, **kw):
-    settings = StrategySettings(**{"min_available_sites": 1, "cross_site": False, **kw})
+    settings = small_settings(**{"min_available_sites": 1, "cross_site": False, **kw})
     return build_strategy(settings, RunDirectory(tmp_path / "run"))
 
 
@@ -146,7 +146,17 @@ def test_train_message_carries_config_and_only_arrays(tmp_path):
     assert set(content.array_records) == {"arrays"}
     cfg = content.config_records["config"]
     assert cfg["server-round"] == 1 and cfg["local-epochs"] == 3 and cfg["lr"] == 0.01
-    assert cfg["strategy"] == "fedavg"
+    assert set(cfg) == {"server-round", "local-epochs", "lr"}  # nothing the sites do not read
+
+
+def test_the_server_decides_each_rounds_learning_rate(tmp_path):
+    strategy = _strategy(tmp_path, lr=0.01, lr_schedule="cosine", num_server_rounds=3)
+    rates = []
+    for rnd in (1, 2, 3):
+        msgs = list(strategy.configure_train(rnd, _record(_model(0)), ConfigRecord(), FakeGrid(_sites())))
+        rates.append(msgs[0].content.config_records["config"]["lr"])
+    # cosine from lr to lr / 10: 0.01, 0.01 * (0.1 + 0.9 * 0.5), 0.001
+    assert rates == pytest.approx([0.01, 0.0055, 0.001])
 
 
 def _sites(num=3, seed=0):
@@ -157,7 +167,7 @@ def _sites(num=3, seed=0):
 def test_end_to_end_run_writes_metrics_checkpoints_and_final_model(tmp_path):
     sites = _sites()
     grid = FakeGrid(sites)
-    strategy = _strategy(tmp_path, num_rounds=4, lr=0.01, local_epochs=1)
+    strategy = _strategy(tmp_path, num_server_rounds=4, lr=0.01, local_epochs=1)
     server_calls = []
 
     def evaluate_fn(rnd, arrays):
@@ -216,9 +226,9 @@ def test_sampling_is_deterministic_given_seed(tmp_path):
 
 def test_fresh_run_refuses_a_used_run_directory(tmp_path):
     sites = _sites()
-    s1 = _strategy(tmp_path, num_rounds=1, lr=0.01)
+    s1 = _strategy(tmp_path, num_server_rounds=1, lr=0.01)
     s1.run(FakeGrid(sites), _record(initial_model()))
-    s2 = _strategy(tmp_path, num_rounds=1, lr=0.01)
+    s2 = _strategy(tmp_path, num_server_rounds=1, lr=0.01)
     with pytest.raises(ValueError, match="already holds a run"):
         s2.run(FakeGrid(sites), _record(initial_model()))
 
@@ -236,29 +246,28 @@ def test_evaluate_replies_screened(tmp_path):
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["dice"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     assert metrics["hd95"] == pytest.approx(4.0)  # non-finite values skipped, not poisoning the mean
-    pending = strategy._pending_evaluate
+    pending = strategy.pending_evaluate
     assert pending["sites"]["a"]["hd95"] is None
     assert "node-3" in pending["excluded"]
 
 
 def test_settings_validation():
-    with pytest.raises(ValueError, match="strategy='fedfoo'"):
-        StrategySettings(name="fedfoo")
+    with pytest.raises(ValueError, match="'strategy' must be one of"):
+        small_settings(strategy="fedfoo")
     with pytest.raises(ValueError, match="trim-fraction"):
-        StrategySettings(trim_fraction=0.5)
-    assert StrategySettings(name="fedadam").effective_server_lr == pytest.approx(1e-2)
-    assert StrategySettings(name="fedavg").effective_server_lr == 1.0
-    assert not StrategySettings(best_metric="loss").higher_is_better
+        small_settings(trim_fraction=0.5)
+    assert small_settings(strategy="fedadam").effective_server_lr == pytest.approx(1e-2)
+    assert small_settings(strategy="fedavg").effective_server_lr == 1.0
+    assert not small_settings(best_metric="loss").higher_is_better
 
 
 def test_server_app_maps_every_run_config_setting():
-    from app.config import parse_run_config
-    from app.server_app import strategy_settings
+    from app.config import parse_run_config, strategy_settings
 
     run = parse_run_config({"strategy": "fedprox", "num-server-rounds": 5, "proximal-mu": 0.1,
                             "fraction-train": 0.5, "local-baselines": "true", "trim-fraction": 0.1})
     s = strategy_settings(run, "dice", min_sites=3)
-    assert (s.name, s.num_rounds, s.proximal_mu, s.fraction_train, s.local_baselines, s.trim_fraction) == (
+    assert (s.strategy, s.num_server_rounds, s.proximal_mu, s.fraction_train, s.local_baselines, s.trim_fraction) == (
         "fedprox", 5, 0.1, 0.5, True, 0.1)
     assert s.min_available_sites == 3 and s.best_metric == "dice"
 
@@ -275,3 +284,42 @@ def test_missing_reply_is_recorded(tmp_path):
     np.testing.assert_array_equal(arrays["conv.weight"].numpy(), _model(1)["conv.weight"])
     line = json.loads(strategy.run_dir.metrics_path.read_text().splitlines()[-1])
     assert line["excluded"] == {"node-2": "no reply before the round timeout"}
+
+
+def _failing_site(name):
+    def answer(msg):
+        if msg.metadata.message_type == "evaluate":
+            return eval_reply(4, name, dice=0.2)
+        return refusal(name, "site-failure dataset-invalid: the site's dataset failed validation")
+    return answer
+
+
+def test_a_run_in_which_no_site_trained_ends_as_failed(tmp_path, caplog):
+    from strategies import NoSiteTrained
+
+    strategy = _strategy(tmp_path, num_server_rounds=2, cross_site=True)
+    sites = {1: _failing_site("a"), 2: _failing_site("b")}
+    with pytest.raises(NoSiteTrained, match="no site trained.*dataset-invalid"):
+        strategy.run(FakeGrid(sites), _record(_model(0)))
+    run = tmp_path / "run"
+    assert not (run / "final_model.pt").exists()
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "checkpoints" / "last.pt").exists()
+    assert not (run / "cross_site.json").exists()
+    assert json.loads((run / "failed.json").read_text())["status"] == "failed"
+    assert "New best" not in caplog.text  # the untrained model's dice is never "best"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["phase"]) for r in lines] == [(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")]
+
+
+def test_checkpoints_start_with_the_first_round_a_site_trained(tmp_path):
+    trained = _sites()
+
+    def late(msg):  # refuses in round 1, trains from round 2
+        if msg.metadata.message_type == "train" and msg.content.config_records["config"]["server-round"] == 1:
+            return refusal("site-1", "busy")
+        return trained[1](msg)
+
+    strategy = _strategy(tmp_path, num_server_rounds=2)
+    strategy.run(FakeGrid({1: late}), _record(initial_model()))
+    assert strategy.best["round"] == 2
+    assert (tmp_path / "run" / "final_model.pt").exists()

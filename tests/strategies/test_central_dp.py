@@ -8,6 +8,7 @@ Gaussian mechanism.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,11 +28,11 @@ from flwr.app import (
 from opacus.accountants import RDPAccountant
 
 from app.config import ConfigError, parse_run_config
-from strategies import RunDirectory, StrategySettings, build_strategy
-from strategies.central_dp import site_clipping_mod
+from strategies import RunDirectory, build_strategy
+from app.site_mods import site_clipping_mod
 from strategies.run_dir import load_server_state
 
-from .fakes import FakeGrid, Interrupted, refusal, train_reply
+from .fakes import small_settings, FakeGrid, Interrupted, refusal, train_reply
 
 P = 40_000  # parameters: enough samples to measure the noise's standard deviation
 NORMS = {"site-a": 0.5, "site-b": 3.0, "site-c": 12.0}
@@ -76,9 +77,9 @@ def _clipped(d, c):
 
 
 def _settings(**kw):
-    base = dict(name="fedavg", num_rounds=1, min_available_sites=3, cross_site=False, central_dp="server-side",
+    base = dict(strategy="fedavg", num_server_rounds=1, min_available_sites=3, cross_site=False, central_dp="server-side",
                 central_dp_noise_multiplier=0.8, central_dp_clipping_norm=1.0)
-    return StrategySettings(**{**base, **kw})
+    return small_settings(**{**base, **kw})
 
 
 def _sites(wrap=None):
@@ -192,7 +193,7 @@ def test_bad_replies_are_set_aside_and_excluded_and_the_denominator_stays(tmp_pa
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg"])
 def test_strategies_that_are_not_a_plain_mean_refuse_central_dp(name):
     with pytest.raises(ValueError, match="central-dp"):
-        _settings(name=name)
+        _settings(strategy=name)
     with pytest.raises(ConfigError, match="central-dp"):
         parse_run_config({"strategy": name, "central-dp": "server-side"})
 
@@ -211,7 +212,7 @@ def test_bad_central_dp_values_are_named(tmp_path):
 
 def test_resume_repeats_the_noise_and_fresh_runs_do_not(tmp_path):
     init = _init()
-    settings = _settings(num_rounds=3)
+    settings = _settings(num_server_rounds=3)
     full = build_strategy(settings, RunDirectory(tmp_path / "full")).run(FakeGrid(_sites()), _record(init))
     other = build_strategy(settings, RunDirectory(tmp_path / "other")).run(FakeGrid(_sites()), _record(init))
     assert full.arrays["w"].numpy().tobytes() != other.arrays["w"].numpy().tobytes()  # secret, not the seed
@@ -220,7 +221,7 @@ def test_resume_repeats_the_noise_and_fresh_runs_do_not(tmp_path):
     with pytest.raises(Interrupted):
         build_strategy(settings, run_dir).run(FakeGrid(_sites(), interrupt_at_round=3), _record(init))
     # the first run's secret is in its own server state: copy the interrupted run and resume it
-    resumed = build_strategy(StrategySettings(**{**settings.__dict__, "resume_from": str(run_dir.root)}),
+    resumed = build_strategy(dataclasses.replace(settings, resume_from=str(run_dir.root)),
                              run_dir).run(FakeGrid(_sites()), _record(init))
     state = json.loads((run_dir.server_state_dir / "latest.json").read_text())
     assert state["round"] == 3
@@ -230,7 +231,7 @@ def test_resume_repeats_the_noise_and_fresh_runs_do_not(tmp_path):
     # an uninterrupted run with the same secret gives the same bytes: replay it from round 0
     replay_dir = RunDirectory(tmp_path / "replay")
     replay = build_strategy(settings, replay_dir)
-    replay.central_dp_secret = load_server_state(run_dir.root)[2]["central-dp"]["secret"]
+    replay.extensions[0].secret = load_server_state(run_dir.root)[2]["central-dp"]["secret"]
     again = replay.run(FakeGrid(_sites()), _record(init))
     assert again.arrays["w"].numpy().tobytes() == resumed.arrays["w"].numpy().tobytes()
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import RunDirectory, build_strategy
 from strategies.cross_site import summarise
 
-from .fakes import FakeGrid
+from .fakes import small_settings, FakeGrid
 from .sites import LeastSquaresSite, initial_model, make_problem
 
 
@@ -38,7 +38,7 @@ def test_cross_site_matrix_with_local_baselines_and_unseen_site(tmp_path):
     unseen = data[3]
     sites = {i + 1: LeastSquaresSite(f"site-{i + 1}", a, y, local_steps=5, unseen=unseen)
              for i, (a, y) in enumerate(data[:3])}
-    settings = StrategySettings(num_rounds=2, local_epochs=2, lr=0.02, min_available_sites=1, cross_site=True,
+    settings = small_settings(num_server_rounds=2, local_epochs=2, lr=0.02, min_available_sites=1, cross_site=True,
                                 local_baselines=True, unseen_site=True)
     strategy = build_strategy(settings, RunDirectory(tmp_path / "run"))
     result = strategy.run(FakeGrid(sites), _record(initial_model()))
@@ -81,7 +81,7 @@ def test_periodic_cross_site_and_refused_local_baseline(tmp_path):
         return real(msg)
 
     sites[2] = refusing
-    settings = StrategySettings(num_rounds=4, lr=0.02, min_available_sites=1, cross_site_every=2,
+    settings = small_settings(num_server_rounds=4, lr=0.02, min_available_sites=1, cross_site_every=2,
                                 local_baselines=True)
     strategy = build_strategy(settings, RunDirectory(tmp_path / "run"))
     strategy.run(FakeGrid(sites), _record(initial_model()))

@@ -7,9 +7,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, FedYogi
 
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import RunDirectory, build_strategy
 
-from .fakes import FakeGrid, copy_content, reply_to, train_reply
+from .fakes import small_settings, FakeGrid, copy_content, reply_to, train_reply
 
 SITES = {1: ("alpha", 12), 2: ("beta", 40), 3: ("gamma", 7), 4: ("delta", 25), 5: ("eps", 16)}
 
@@ -34,20 +34,20 @@ def _replies(models):
 @pytest.mark.parametrize(
     "ours, theirs",
     [
-        (dict(name="fedavg"), lambda: FedAvg(min_available_nodes=1)),
-        (dict(name="fedadam", server_lr=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
+        (dict(strategy="fedavg"), lambda: FedAvg(min_available_nodes=1)),
+        (dict(strategy="fedadam", server_lr=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
          lambda: FedAdam(min_available_nodes=1, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-        (dict(name="fedyogi", server_lr=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
+        (dict(strategy="fedyogi", server_lr=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
          lambda: FedYogi(min_available_nodes=1, eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)),
-        (dict(name="fedmedian"), lambda: FedMedian(min_available_nodes=1)),
-        (dict(name="fedtrimmedavg", trim_fraction=0.2), lambda: FedTrimmedAvg(min_available_nodes=1, beta=0.2)),
+        (dict(strategy="fedmedian"), lambda: FedMedian(min_available_nodes=1)),
+        (dict(strategy="fedtrimmedavg", trim_fraction=0.2), lambda: FedTrimmedAvg(min_available_nodes=1, beta=0.2)),
     ],
     ids=["fedavg", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg"],
 )
 def test_matches_flower_builtin_over_rounds(tmp_path, ours, theirs):
     rng = np.random.default_rng(0)
     init = {"w": rng.normal(size=(6, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
-    settings = StrategySettings(min_available_sites=1, cross_site=False, **ours)
+    settings = small_settings(min_available_sites=1, cross_site=False, **ours)
     mine = build_strategy(settings, RunDirectory(tmp_path / "run"))
     flower = theirs()
     grid = FakeGrid({n: (lambda m: None) for n in SITES})

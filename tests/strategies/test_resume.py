@@ -10,9 +10,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from strategies import RunDirectory, StrategySettings, build_strategy
+from strategies import RunDirectory, build_strategy
 
-from .fakes import FakeGrid, Interrupted, refusal
+from .fakes import small_settings, FakeGrid, Interrupted, refusal
 from .sites import LeastSquaresSite, initial_model, make_problem
 
 
@@ -42,7 +42,7 @@ def _sites(refusing: bool = False):
 
 
 def _settings(name, **kw):
-    return StrategySettings(name=name, num_rounds=6, fraction_train=0.5, min_available_sites=1, lr=0.03,
+    return small_settings(strategy=name, num_server_rounds=6, fraction_train=0.5, min_available_sites=1, lr=0.03,
                             server_lr=0.1 if name in ("fedadam", "fedyogi") else 0.0, cross_site=False, **kw)
 
 
@@ -125,7 +125,7 @@ def test_resume_restores_best_checkpoint_of_the_saved_state(tmp_path, monkeypatc
         return original(self, server_round, arrays, state)
 
     monkeypatch.setattr(RunDirectory, "save_server_state", crash_at_4)
-    settings = StrategySettings(num_rounds=6, min_available_sites=1, lr=0.002, cross_site=False, best_metric="loss")
+    settings = small_settings(num_server_rounds=6, min_available_sites=1, lr=0.002, cross_site=False, best_metric="loss")
     strategy = build_strategy(settings, run_dir)
     with pytest.raises(Interrupted):
         strategy.run(FakeGrid(_sites()), _record(initial_model()))

@@ -1,0 +1,59 @@
+"""Run-config values from text: numbers, lists of numbers and booleans, each checked once.
+
+Flower passes ``--run-config`` values as TOML scalars or strings; these helpers turn them into
+Python values and raise :class:`ConfigError` naming the key for anything else (NaN and
+infinities included: no setting is meaningful at infinity).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run or site setting is missing or malformed; the message names the key."""
+
+
+def floats(key: str, value: Any, n: int | None = None) -> tuple[float, ...]:
+    """``"1.5,1.5,3"`` (or a list) -> finite floats; one number stands for all ``n``."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        parts = tuple(finite(v) for v in items if str(v).strip())
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"run config '{key}': expected comma-separated numbers, got {value!r}") from exc
+    if n is not None and len(parts) == 1:
+        parts = parts * n
+    if n is not None and len(parts) != n:
+        raise ConfigError(f"run config '{key}': expected {n} numbers, got {value!r}")
+    return parts
+
+
+def ints(key: str, value: Any, n: int | None = None) -> tuple[int, ...]:
+    """Like :func:`floats`, each a positive integer."""
+    values = floats(key, value, n)
+    if any(v != int(v) or v <= 0 for v in values):
+        raise ConfigError(f"run config '{key}': expected positive integers, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def finite(value: Any) -> float:
+    """A finite float (NaN and infinities are never a meaningful setting)."""
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        raise TypeError
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError
+    return number
+
+
+def bool_value(key: str, value: Any) -> bool:
+    """``true``/``false`` (also 1/0, yes/no; empty is false)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"run config '{key}': expected true or false, got {value!r}")
