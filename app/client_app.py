@@ -37,10 +37,9 @@ from app.site_failures import SiteDataError, failure_code, refusal_reason
 from app.site_mods import site_clipping_mod
 from app.site_state import SiteStateStore
 from data_prep.site_dataset import DatasetError, SiteDataset, load_site_dataset
-from tasks import LocalTrainingOptions, SiteDataCache, Task, device, get_task, make_optimizer
-from tasks import cache as disk_cache
+from tasks import LocalTrainingOptions, SiteDataCache, Task, cache as disk_cache, device, get_task, make_optimizer
 
-if TYPE_CHECKING:  # imported where used: Opacus (privacy) and the demo generator cost seconds per process
+if TYPE_CHECKING:  # privacy (Opacus) and the demo generator are imported where used: seconds per process
     from privacy import DPSiteSession
 
 timings.imports_done()
@@ -112,11 +111,9 @@ def _dataset(rt: SiteRuntime, which: str = "own") -> SiteDataset:
 
 
 def _site_data(rt: SiteRuntime, dataset: SiteDataset) -> Any:
-    def prepare() -> Any:  # preprocessed cases persist under state-dir across processes (tasks.cache)
-        with disk_cache.using(disk_cache.site_cache(rt.site.state_dir, dataset.root, rt.site.disk_cache_mb)):
-            return rt.task.prepare_site(dataset)
-
-    return _SITE_DATA.get((str(dataset.root), rt.run.task, rt.task.settings), prepare)
+    site = rt.site  # preprocessed cases persist under state-dir across processes (tasks.cache)
+    return _SITE_DATA.get((str(dataset.root), rt.run.task, rt.task.settings), lambda: disk_cache.prepare(
+        rt.task, dataset, disk_cache.site_cache(site.state_dir, dataset.root, site.disk_cache_mb)))
 
 
 def _round_seed(run: RunConfig, site: str, server_round: int, purpose: str) -> int:
@@ -174,7 +171,6 @@ def train(msg: Message, context: Context) -> Message:
     run_key = str(config.get("run-key", f"run-{context.run_id}"))
     store = SiteStateStore(rt.site.state_dir, run_key)
     baseline = bool(config.get("local-baseline", False))
-    before = dict(disk_cache.STATS)
     with timing.section("data"):
         dataset = _dataset(rt)
         site_data = _site_data(rt, dataset)
@@ -260,25 +256,13 @@ def train(msg: Message, context: Context) -> Message:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}
         store.save("scaffold", server_round, {k: site_c[k] + result.scaffold_delta[k] for k in result.scaffold_delta})
         reply["scaffold-delta-c"] = ArrayRecord(result.scaffold_delta)
-    timing.count(**_cache_delta(before))
     timing.emit()
     return Message(content=reply, reply_to=msg)
 
 
-def _cache_delta(before: dict) -> dict[str, float]:
-    """This message's disk-cache hits, misses and seconds (tasks.cache.STATS counts for the process)."""
-    now = disk_cache.STATS
-    return {"cache_hits": now["hits"] - before["hits"], "cache_misses": now["misses"] - before["misses"],
-            "cache_io_s": round(now["seconds"] - before["seconds"], 3)}
-
-
 def _evaluate_received(rt: SiteRuntime, shared: ArrayRecord, local: dict | None, site_data: Any) -> dict:
-    """Test metrics of the model this site received, measured before training (``received-*``).
-
-    Saves the evaluate message's process start and data load; the numbers equal what the previous
-    round's evaluate phase reports for this site (same model, same test cases, same local layers).
-    A copy of the model is evaluated, so training (and a DP session's model) is untouched.
-    """
+    """Test metrics of the received model before training (``received-*``): what the previous round's
+    evaluate phase reports for this site, without its process. A copy is evaluated (DP model untouched)."""
     model = rt.task.build_model()
     _load_global(model, shared, local)
     metrics = rt.task.evaluate(model, site_data, "test")
@@ -343,7 +327,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     with timing.section("setup"):
         rt = _runtime(context)
     which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
-    before = dict(disk_cache.STATS)
     with timing.section("data"):
         dataset = _dataset(rt, which)
         site_data = _site_data(rt, dataset)
@@ -356,7 +339,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     _load_global(model, shared, local_state)
     with timing.section("evaluate"):
         metrics = rt.task.evaluate(model, site_data, "test")
-    timing.count(**_cache_delta(before))
     timing.emit()
     clean = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
     reply = RecordDict(

@@ -48,6 +48,9 @@ class MessageTiming:
         global _messages
         _messages += 1
         self.began = time.time()
+        from tasks.cache import STATS  # this message's disk-cache hits, misses and seconds
+
+        self._cache, self._cache_before = STATS, dict(STATS)
         self.record: dict[str, Any] = {"message": message, "round": server_round, "pid": os.getpid(),
                                        "message_in_process": _messages}
         if _messages == 1 and PROCESS_STARTED is not None:  # the first message of a fresh process
@@ -71,4 +74,7 @@ class MessageTiming:
     def emit(self) -> None:
         if ENABLED:
             self.record["handler_s"] = round(time.time() - self.began, 3)
+            now, before = self._cache, self._cache_before
+            self.record.update(cache_hits=now["hits"] - before["hits"], cache_misses=now["misses"] - before["misses"],
+                               cache_io_s=round(now["seconds"] - before["seconds"], 3))
             print("fedimaging-timing " + json.dumps(self.record, sort_keys=True), file=sys.stderr, flush=True)

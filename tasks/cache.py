@@ -14,12 +14,9 @@ before the first random transform is cached, augmentation runs after) by subclas
 replace the storage: one file per case, ``MAGIC + sha256 + torch payload``, loaded only after the
 checksum matches and then with ``weights_only=True`` (tensors and numbers, no pickled objects).
 
-The key of an entry is a hash of the case's file *contents* (SHA-256, memoised by size, mtime,
-ctime and inode so unchanged files are not re-read), the deterministic transforms with all their
-parameters (spacing, orientation, CT window, normalisation, pad/crop sizes, ...), and the library
-versions. The bound (``disk-cache-mb``) evicts entries the current dataset does not use first,
-least recently used first; when the current dataset alone exceeds it, the remaining cases are
-recomputed on every access instead of thrashing the cache.
+Keys hash the case files' *contents* (SHA-256, memoised by size, mtime, ctime and inode), every
+parameter of the deterministic transforms and the library versions. ``disk-cache-mb`` evicts
+entries the current dataset does not use first (LRU); cases beyond the bound are recomputed.
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ _ACTIVE: contextvars.ContextVar[PreprocessedCache | None] = contextvars.ContextV
 
 
 def cache_dir_for(state_dir: Path) -> Path:
-    """Where a site's preprocessed cache lives: inside its private state folder."""
-    return Path(state_dir) / "cache" / "preprocessed"
+    return Path(state_dir) / "cache" / "preprocessed"  # inside the site's private state folder
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -86,6 +82,12 @@ def using(cache: PreprocessedCache | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def prepare(task: Any, dataset: Any, cache: PreprocessedCache | None) -> Any:
+    """``task.prepare_site(dataset)`` with ``cache`` as the site's preprocessed cache."""
+    with using(cache):
+        return task.prepare_site(dataset)
 
 
 def active() -> PreprocessedCache | None:
@@ -167,7 +169,7 @@ class FileHashes:
         self._dirty = True
         return digest.hexdigest()
 
-    def save(self) -> None:
+    def save(self) -> None:  # noqa: D102
         if self._dirty:
             atomic_write_json(self.path, self._memo)
             self._dirty = False
@@ -242,9 +244,7 @@ class PreprocessedCache:
         return True
 
     def entries(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return [p for p in self.root.glob("*.pt") if p.is_file()]
+        return [p for p in self.root.glob("*.pt") if p.is_file()] if self.root.is_dir() else []
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.entries())
