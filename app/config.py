@@ -64,6 +64,8 @@ class RunConfig:
     relative_update_norm: float = 0.0
     update_norm_action: str = "reject"
     cross_site_every: int = 0
+    evaluate_every: int = 1  # global model's evaluate phase every N rounds and the last (0 = last only)
+    evaluate_received: bool = False  # train replies carry the received model's test metrics (received-*)
     local_baselines: bool = False
     dp_required: bool = False
     dp_epsilon: float = 0.0
@@ -95,6 +97,7 @@ class RunConfig:
     num_res_units: int = TaskSettings.num_res_units
     ct_window: tuple[float, float] = TaskSettings.ct_window
     cache_max_mb: int = TaskSettings.cache_max_mb
+    disk_cache_mb: int = 20480  # preprocessed cases on disk per site (tasks.cache); 0 = off
     in_channels: int = TaskSettings.in_channels
     classifier: str = TaskSettings.classifier
     classifier_width: float = TaskSettings.classifier_width
@@ -253,6 +256,8 @@ def _validate(c: RunConfig) -> None:
         (c.classifier in CLASSIFIERS, "classifier", f"one of {CLASSIFIERS}"),
         (c.classifier_width > 0 and (c.classifier != "densenet121" or c.classifier_width == 1.0), "classifier-width",
          "> 0 (a ResNet's channel multiplier; 1.0 for densenet121)"),
+        (c.evaluate_every >= 0, "evaluate-every", ">= 0 (0 = only after the last round)"),
+        (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),
         (c.num_res_units >= 0, "num-res-units", ">= 0"),
         (c.cache_max_mb >= 0, "cache-max-mb", ">= 0"),
@@ -293,64 +298,3 @@ def strategy_settings(run: RunConfig, best_metric: str, min_sites: int) -> Strat
         best_metric=run.best_metric or best_metric,
         unseen_site=run.uses_demo and run.cross_site,
     )
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """One site's settings (``node_config``); simulation fills them from the run config."""
-
-    data_path: Path | None
-    site_name: str
-    state_dir: Path
-    dp_epsilon: float = 0.0
-    dp_delta: float = 0.0
-    dp_max_grad_norm: float = 1.0
-    is_demo: bool = False
-    he_context: Path | None = None  # node config 'he-context': the site's CKKS key file
-
-
-def parse_site_config(node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
-    """Deployed: ``data-path`` (required) etc. Simulation: site chosen by ``partition-id``."""
-    def number(key: str, default: float) -> float:
-        try:
-            return float(node_config.get(key, default))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"node config '{key}': expected a number, got {node_config.get(key)!r}") from exc
-
-    dp = dict(
-        dp_epsilon=number("dp-epsilon", run.dp_epsilon),
-        dp_delta=number("dp-delta", run.dp_delta),
-        dp_max_grad_norm=number("dp-max-grad-norm", run.dp_max_grad_norm),
-    )
-    if "data-path" in node_config:
-        data_path = Path(str(node_config["data-path"])).expanduser()
-        site_name = str(node_config.get("site-name") or data_path.name)
-        state = node_config.get("state-dir") or (data_path / "private" / "state")
-        he_context = Path(str(node_config["he-context"])).expanduser() if node_config.get("he-context") else None
-        return SiteConfig(data_path, _safe_site(site_name), Path(str(state)).expanduser(), he_context=he_context, **dp)
-    if "partition-id" not in node_config:
-        raise ConfigError(
-            "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
-            "start the SuperNode with --node-config \"data-path='/path/to/site-dataset' site-name='...'\""
-        )
-    partition = int(node_config["partition-id"])
-    from data_prep.demo import demo_site_names  # local import: only simulation needs it
-
-    if run.uses_demo:
-        names = demo_site_names(run.demo_sites)
-        if partition >= len(names):
-            raise ConfigError(
-                f"simulation has more SuperNodes than demo sites ({len(names)}): run with "
-                f"--federation-config \"num-supernodes={len(names)}\" or set demo-sites"
-            )
-        site = names[partition]
-        return SiteConfig(None, site, run.state_root_path / site, is_demo=True, **dp)
-    site = f"site-{partition}"
-    path = Path(run.data_path_template.format(site=site, partition=partition)).expanduser()
-    return SiteConfig(path, site, run.state_root_path / site, **dp)
-
-
-def _safe_site(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-        raise ConfigError(f"node config 'site-name' {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
-    return name

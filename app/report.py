@@ -102,6 +102,21 @@ def _status(data: RunData) -> list[str]:
     return lines + _table(["item", "value"], rows)
 
 
+def _evaluation_schedule(config: Mapping[str, Any]) -> list[str]:
+    """What the per-round evaluation numbers mean when evaluate-every / evaluate-received are set."""
+    lines = []
+    every = config.get("evaluate-every", 1)
+    if isinstance(every, int) and every != 1:
+        lines.append(f"The global model was evaluated every {every} rounds and after the last one "
+                     f"(`evaluate-every={every}`); other rounds have no evaluate values." if every else
+                     "The global model was evaluated only after the last round (`evaluate-every=0`).")
+    if config.get("evaluate-received"):
+        lines.append("Train records also hold `received-*`: each site's test metrics of the model it received in "
+                     "that round, i.e. the global model after the previous round (round 1: the initial model), "
+                     "measured before local training (`evaluate-received`); their aggregate is weighted by test cases.")
+    return [" ".join(lines), ""] if lines else []
+
+
 def build_markdown(data: RunData, figures: dict[str, str]) -> str:
     metric = data.metric
     name = data.root.name
@@ -117,6 +132,7 @@ def build_markdown(data: RunData, figures: dict[str, str]) -> str:
     out += [f"![global metrics]({figures['global']})", ""] if "global" in figures else ["No aggregate metrics recorded.", ""]
     out += ["Train loss is the sites' case-weighted mean training loss; evaluate values are the case-weighted "
             "means of the sites' test metrics for the global model.", ""]
+    out += _evaluation_schedule(data.config)
 
     out += ["## Per-site metrics per round", ""]
     out += [f"![per-site metrics]({figures['sites']})", ""] if "sites" in figures else ["No per-site metrics recorded.", ""]

@@ -52,7 +52,9 @@ def _run_name(run: RunConfig, run_id: int) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federated study described by the run config."""
-    run_study(grid, context.run_config, int(context.run_id))
+    from app.polling_grid import faster_polling  # Flower's HttpGrid waits 3 s between pulls
+
+    run_study(faster_polling(grid), context.run_config, int(context.run_id))
 
 
 def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
@@ -101,7 +103,7 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
         strategy.run(
             grid,
             ArrayRecord(model.state_dict()),
-            train_config=ConfigRecord(common),
+            train_config=ConfigRecord({**common, "evaluate-received": run.evaluate_received}),
             evaluate_config=ConfigRecord(common),
         )
     except NoSiteTrained as exc:

@@ -1,6 +1,13 @@
 """Deployment vs simulation on one host: seconds per round, bytes per site per round, peak memory.
 
-    python -m bench.deploy [--rounds 3] [--sites 3] [--skip-simulation] [--run-config "k=v ..."]
+    python -m bench.deploy [--size tiny|standard] [--rounds N] [--sites 3] [--skip-simulation] [--run-config "k=v ..."]
+
+``--size tiny`` (default): small demo, a 4-8 channel U-Net, 3 rounds (minutes; a sanity check).
+``--size standard``: the standard demo with the default model, 5 rounds (the realistic case).
+``seconds_per_round`` is the mean of rounds 2..N (round 1 carries the app download, the first
+imports and the cache build: ``first_round_seconds``). ``breakdown`` splits each site's messages
+into process start and imports, data load (disk-cache hits and misses), training, evaluation and
+waiting, from the ``fedimaging-timing`` lines the ClientApp logs with ``FEDIMAGING_TIMINGS=1``.
 
 Deployment: a loopback federation exactly as ``deploy/`` sets it up (TLS, SuperNode auth, the
 start scripts), each SuperNode connected through its own counting TCP relay so the bytes are
@@ -26,6 +33,7 @@ from pathlib import Path
 from data_prep.demo import demo_site_names, demo_site_path, write_demo_site
 from deploy.loopback import PROJECT_ROOT, LoopbackFederation, format_run_config, free_port, stop_tree
 
+STANDARD = {"demo-size": "standard", "local-epochs": 1, "torch-threads": 1, "cross-site": False, "seed": 5}
 TINY = {
     "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16", "channels": "4,8", "num-res-units": 0,
     "crops-per-case": 1, "local-epochs": 1, "batch-size": 2, "torch-threads": 1, "cross-site": False, "seed": 5,
@@ -93,6 +101,51 @@ def _round_seconds(run_dir: Path) -> list[float]:
     return [per_round[r] for r in sorted(per_round)]
 
 
+def _per_round_summary(rounds: list[float]) -> dict:
+    """Mean of rounds 2..N (all rounds when there is only one) and round 1 on its own."""
+    later = rounds[1:] or rounds
+    return {"seconds_per_round": sum(later) / len(later), "first_round_seconds": rounds[0] if rounds else None,
+            "round_seconds": rounds}
+
+
+def timing_lines(log: str) -> list[dict]:
+    """The ClientApp's ``fedimaging-timing`` records in a log (see app/timings.py)."""
+    out = []
+    for line in log.splitlines():
+        _, found, payload = line.partition("fedimaging-timing ")
+        if found:
+            try:
+                out.append(json.loads(payload))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def breakdown(records: list[dict], round_seconds: list[float]) -> dict:
+    """Per message type, mean seconds over rounds >= 2 of each part; waiting = the round minus the site's busy time."""
+    parts = ("startup", "setup", "data", "train", "evaluate", "handler")
+    by_message: dict[str, list[dict]] = {}
+    busy: dict[int, float] = {}
+    for rec in records:
+        startup = sum(rec.get(k, 0.0) for k in ("process_start_to_imports_s", "imports_s", "flower_to_handler_s"))
+        row = {"startup": startup, **{p: rec.get(f"{p}_s", 0.0) for p in parts[1:]},
+               "cache_hits": rec.get("cache_hits", 0), "cache_misses": rec.get("cache_misses", 0),
+               "fresh_process": rec.get("message_in_process") == 1, "round": rec.get("round", 0)}
+        by_message.setdefault(rec.get("message", "?"), []).append(row)
+        busy[row["round"]] = busy.get(row["round"], 0.0) + startup + row["handler"]
+    summary: dict[str, dict] = {}
+    for message, rows in by_message.items():
+        later = [r for r in rows if r["round"] >= 2] or rows
+        summary[message] = {
+            **{f"{p}_s": round(sum(r[p] for r in later) / len(later), 3) for p in parts},
+            "cache_hits": sum(r["cache_hits"] for r in rows), "cache_misses": sum(r["cache_misses"] for r in rows),
+            "fresh_processes": sum(r["fresh_process"] for r in rows), "messages": len(rows),
+        }
+    waits = [round_seconds[r - 1] - busy[r] for r in busy if 2 <= r <= len(round_seconds)]
+    summary["waiting_s_per_round"] = round(sum(waits) / len(waits), 3) if waits else None
+    return summary
+
+
 def _snapshot_bytes_per_round(run, run_dir: Path, relays: dict, last_phase: str, timeout: float) -> list[dict]:
     """Relay counters at the end of each round (when its last metrics.jsonl line appears)."""
     snaps: list[dict] = []
@@ -126,7 +179,7 @@ def _model_bytes(run_dir: Path) -> int:
 
 
 def run_deployment(work: Path, sites: dict[str, Path], config: dict, timeout: float) -> dict:
-    fed = LoopbackFederation(work / "deployment-run", sites)
+    fed = LoopbackFederation(work / "deployment-run", sites, extra_env={"FEDIMAGING_TIMINGS": "1"})
     relays: dict[str, CountingRelay] = {}
     try:
         fed.init()
@@ -160,9 +213,10 @@ def run_deployment(work: Path, sites: dict[str, Path], config: dict, timeout: fl
                 for a, b in zip(marks, marks[1:], strict=False)
             ]
         later = {s: rows[1:] or rows for s, rows in per_round.items()}
+        site_logs = {p.name: p.log() for p in fed.procs if p.name in sites}
         return {
-            "seconds_per_round": sum(rounds) / len(rounds),
-            "round_seconds": rounds,
+            **_per_round_summary(rounds),
+            "breakdown": {s: breakdown(timing_lines(text), rounds) for s, text in site_logs.items()},
             "wall_seconds_flwr_run": wall,
             "model_bytes_float32": _model_bytes(run_dir),
             "bytes_per_site_per_round": {
@@ -188,7 +242,7 @@ def run_simulation(work: Path, config: dict, n_sites: int, demo_root: Path, time
     env.update({
         "FLWR_HOME": str(home), "FEDIMAGING_HOME": str(work / "simulation-fedimaging-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "FEDIMAGING_TIMINGS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     cfg = {**config, "run-dir": str(run_dir), "demo-root": str(demo_root), "demo-sites": n_sites, "demo": True}
@@ -203,7 +257,9 @@ def run_simulation(work: Path, config: dict, n_sites: int, demo_root: Path, time
         if proc.returncode != 0:
             raise RuntimeError(f"simulation failed ({proc.returncode}); see {log}")
         rounds = _round_seconds(run_dir)
-        return {"seconds_per_round": sum(rounds) / len(rounds), "round_seconds": rounds, "wall_seconds_flwr_run": wall}
+        records = timing_lines(log.read_text(errors="replace"))  # present when Flower forwards ClientApp stderr
+        return {**_per_round_summary(rounds), "wall_seconds_flwr_run": wall,
+                "breakdown": {"all-sites": breakdown(records, rounds)} if records else None}
     finally:
         _stop_local_superlink(home)
 
@@ -224,7 +280,8 @@ def _stop_local_superlink(flwr_home: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", choices=("tiny", "standard"), default="tiny")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 3 (tiny), 5 (standard)")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--run-config", default="", help="extra run config, e.g. \"roi-size='32,32,32'\"")
     parser.add_argument("--skip-simulation", action="store_true")
@@ -234,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from flwr.common.config import parse_config_args
 
-    config = {**TINY, "num-server-rounds": args.rounds, "min-available-sites": args.sites, "demo": False,
+    args.rounds = args.rounds or (3 if args.size == "tiny" else 5)
+    base = TINY if args.size == "tiny" else STANDARD
+    config = {**base, "num-server-rounds": args.rounds, "min-available-sites": args.sites, "demo": False,
               **parse_config_args([args.run_config] if args.run_config else None)}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedimaging-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -246,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in names
     }
     result = {
-        "benchmark": "deploy", "rounds": args.rounds, "sites": names, "run_config": config,
+        "benchmark": "deploy", "size": args.size, "rounds": args.rounds, "sites": names, "run_config": config,
         "host": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
         "deployment": run_deployment(work, sites, config, args.timeout),
     }

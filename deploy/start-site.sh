@@ -63,6 +63,7 @@ for line in iter(sys.stdin.buffer.readline, b""):
 }
 
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"  # Flower's default: 1 s
 flower-supernode \
     --superlink "$SUPERLINK_ADDRESS" \
     --root-certificates "$site_dir/ca.crt" \

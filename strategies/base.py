@@ -34,7 +34,7 @@ from flwr.supercore import log
 from . import run_loop, server_state
 from .aggregation import server_step, weighted_mean
 from .extension import StrategyExtension
-from .metrics import WEIGHT_KEY, weighted_site_mean
+from .metrics import WEIGHT_KEY, received_model_mean, weighted_site_mean
 from .records import Arrays, SiteUpdate, to_numpy, to_record
 from .run_dir import RunDirectory
 from .sampling import SiteSampler
@@ -215,6 +215,7 @@ class FedImagingFedAvg(FedAvg):
         else:
             log(WARNING, "aggregate_train: round %d: no update accepted; global model unchanged", rnd)
         aggregate = weighted_site_mean({u.site: screened.sites[u.site] for u in screened.accepted})
+        aggregate.update(received_model_mean({u.site: screened.sites[u.site] for u in screened.accepted}))
         for site, norm in norms.items():
             screened.sites.setdefault(site, {})["update-norm"] = norm
         for site, reason in screened.excluded.items():
@@ -229,6 +230,8 @@ class FedImagingFedAvg(FedAvg):
         }
         if clipped:
             line["clipped"] = clipped
+        if any(k.startswith("received-") for m in screened.sites.values() for k in m):
+            line["received-model"] = f"received-* are test metrics of the global model after round {rnd - 1}"
         for ext in self.extensions:
             line.update(ext.train_line(rnd, arrays_out is not None))
         self.run_dir.append_metrics(line)
@@ -242,6 +245,10 @@ class FedImagingFedAvg(FedAvg):
         self._phase_start["evaluate"] = time.monotonic()
         self.pending_evaluate = None
         self.global_arrays = to_numpy(arrays)
+        every = self.settings.evaluate_every
+        if rnd < self.num_rounds and (every == 0 or rnd % every):
+            self._evaluate_sent = 0  # evaluate-every: no evaluate messages (no site process) this round
+            return []
         node_ids, _ = self.sampler.sample(grid, self.fraction_evaluate, self.min_evaluate_nodes,
                                           self.min_available_nodes, self.screener.node_sites)
         self._evaluate_sent = len(node_ids)

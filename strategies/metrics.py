@@ -34,6 +34,23 @@ def _plain(value: Any) -> Any:
     return f if math.isfinite(f) else None
 
 
+RECEIVED = "received-"  # train-reply metrics of the model a site received (run config evaluate-received)
+
+
+def received_model_mean(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """``received-*`` metrics averaged like an evaluate phase: weighted by the sites' test cases.
+
+    ``weighted_site_mean`` weights train replies by training cases; these metrics were measured on
+    test cases (``received-num-examples``), so they get the evaluate phase's weights instead.
+    """
+    as_evaluate = {
+        site: {WEIGHT_KEY: m.get(f"{RECEIVED}{WEIGHT_KEY}", 0),
+               **{k[len(RECEIVED):]: v for k, v in m.items() if k.startswith(RECEIVED) and k != f"{RECEIVED}{WEIGHT_KEY}"}}
+        for site, m in site_metrics.items()
+    }
+    return {f"{RECEIVED}{k}": v for k, v in weighted_site_mean(as_evaluate).items()}
+
+
 def weighted_site_mean(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Case-weighted mean of every scalar metric over the sites that report a finite value for it.
 

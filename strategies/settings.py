@@ -57,6 +57,7 @@ class StrategySettings:
     resume_from: str
     cross_site: bool
     cross_site_every: int
+    evaluate_every: int = 1  # the global model's evaluate phase every N rounds and after the last (0: last only)
     local_baselines: bool
     unseen_site: bool
     dp_required: bool

@@ -3,7 +3,9 @@
 Flower keeps a site's ClientApp process alive across rounds; re-reading and resampling every
 NIfTI each round would dominate a round's time. MONAI's ``CacheDataset`` keeps the
 deterministic prefix of the transform chain in memory; ``cache_rate`` is chosen so the cache
-stays under ``cache_max_mb`` (the rest is recomputed on access).
+stays under ``cache_max_mb`` (the rest is recomputed on access). When the ClientApp sets a
+site's disk cache (:mod:`tasks.cache`), the deterministic prefix is read from there instead, so a
+new process (Flower starts one per message) does not re-prepare the site.
 """
 
 from __future__ import annotations
@@ -108,17 +110,30 @@ def cached_site_data(
     """Cache a site's train (and test) cases within ``budget_mb`` (split between the two)."""
     from monai.data import CacheDataset
 
-    log.info("Preparing the site's data: loading and resampling %d training and %d test cases "
-             "(first round only; kept in memory afterwards)", len(train_items), len(test_items))
+    from tasks.cache import active, cached_dataset
+
+    log.info("Preparing the site's data: %d training and %d test cases (read from the site's preprocessed "
+             "cache where present, else loaded and resampled)", len(train_items), len(test_items))
     started = time.monotonic()
     budget = budget_mb // 2 if test_items else budget_mb
+    disk = active()
     try:
-        train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
-                             cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
-        test = None
-        if test_items:
-            test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
-                                cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
+        if disk is not None:  # persistent cache under state-dir (tasks.cache); memory holds what fits the budget
+            def dataset_for(items, transform, cases):
+                ds = cached_dataset(disk, items, transform,
+                                    int(len(items) * cache_rate_for(cases, spacing, budget, channels)))
+                ds.build_missing()  # cases not cached yet are read now, so a corrupt one is reported here
+                return ds
+
+            train = dataset_for(train_items, train_transform, dataset.training)
+            test = dataset_for(test_items, test_transform, dataset.test) if test_items else None
+        else:
+            train = CacheDataset(train_items, train_transform, num_workers=0, progress=False,
+                                 cache_rate=cache_rate_for(dataset.training, spacing, budget, channels))
+            test = None
+            if test_items:
+                test = CacheDataset(test_items, test_transform, num_workers=0, progress=False,
+                                    cache_rate=cache_rate_for(dataset.test, spacing, budget, channels))
     except Exception as exc:  # noqa: BLE001 - corrupt voxels surface only when MONAI reads them
         raise DatasetError(f"{dataset.root}: a case could not be read ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc

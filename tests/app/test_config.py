@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import ConfigError, RunConfig, parse_run_config, parse_site_config
+from app.config import ConfigError, RunConfig, parse_run_config
+from app.site_config import parse_site_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -131,6 +131,35 @@ def test_metrics_count_cases_not_batches(captured):
         assert np.isfinite(metrics["loss"])
 
 
+def test_preprocessed_cache_stays_in_state_dir_never_in_a_dataset_folder_or_reply(captured):
+    """Each site's cache is under its state-dir; datasets hold no cache file; no reply names an entry."""
+    import json
+
+    replies, home, _ = captured
+    entries = sorted(home.glob("site-state/*/cache/preprocessed/*.pt"))
+    assert {p.parts[-4] for p in entries} == {"site-a", "site-b", "site-c"}  # every site wrote its own
+    datasets = {p.parent for p in home.rglob("dataset.json")}
+    assert datasets
+    for folder in datasets:
+        inside = [p for p in folder.rglob("*") if p.suffix == ".pt" or "cache" in p.name or "file-hashes" in p.name]
+        assert not inside, f"cache files inside the dataset folder {folder}: {inside}"
+    secrets = {p.stem for p in entries}  # entry keys
+    for memo in home.glob("site-state/*/cache/preprocessed/file-hashes.json"):
+        for stamp in json.loads(memo.read_text()).values():
+            secrets.add(stamp[-1])  # content hashes of the sites' images
+    texts = []
+    for reply in replies:
+        for record in reply.content.values():
+            if isinstance(record, ConfigRecord):
+                for value in record.values():
+                    texts.extend(_strings(value))
+            elif isinstance(record, MetricRecord):
+                texts.extend(str(k) for k in record.keys())
+    assert len(secrets) > len(entries)
+    for text in texts:
+        assert not any(secret in text for secret in secrets), f"a cache key or content hash in {text!r}"
+
+
 @pytest.fixture(scope="module")
 def failing(captured, tmp_path_factory):
     """A study whose sites fail in three ways: a label that is not gzip, no dataset, a bad dataset.json."""

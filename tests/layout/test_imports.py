@@ -151,7 +151,7 @@ def test_package_boundaries(package, forbidden):
 
 
 def test_the_site_imports_no_server_code():
-    for name in ("app.client_app", "app.site_mods", "app.site_state"):
+    for name in ("app.client_app", "app.site_runtime", "app.site_mods", "app.site_state"):
         server = sorted(m for m in GRAPH[name] if m.split(".")[0] == "strategies" or m == "app.server_app")
         assert not server, f"{name} imports server code {server}"
 
