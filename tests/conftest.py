@@ -1,0 +1,19 @@
+"""Suite-wide: how pytest-xdist shares the tests between its two workers (``addopts`` in pyproject).
+
+``--dist loadgroup`` with one group per test file behaves like ``--dist loadfile`` (a file's
+module fixtures are built once, on one worker), and the files that start a Ray simulation share
+one group, so two Ray clusters never start at once on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+RAY_SIMULATION_FILES = {"tests/integration/test_simulation.py", "tests/integration/test_own_data.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group("ray-simulation" if path in RAY_SIMULATION_FILES else path))
