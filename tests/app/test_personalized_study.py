@@ -63,6 +63,8 @@ def test_personalized_study_resumes_and_keeps_personal_models_at_the_sites(tmp_p
     with contextlib.redirect_stdout(out):
         run_study(CrashingGrid(client_app, nodes, resumed), resumed, run_id=4)
 
+    assert "personal Dice" in out.getvalue()  # the console's round table shows both
+    assert "personal Dice" in (tmp_path / "run" / "report.md").read_text()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evaluations = [line for line in lines if line["phase"] == "evaluate"]
     assert [line["round"] for line in evaluations] == [1, 2]
