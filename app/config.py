@@ -60,6 +60,7 @@ class RunConfig:
     personalization: str = "none"
     ditto_lambda: float = 0.1
     finetune_epochs: int = 1
+    init_from: str = ""
     server_lr: float = 0.0
     beta_1: float = 0.9
     beta_2: float = 0.99

@@ -67,6 +67,11 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
 
     task = get_task(run.task, run.task_settings())
     model = task.build_model()
+    if run.init_from:  # transfer learning; a resumed run continues from its saved model instead
+        from app.init_from import init_from
+
+        loaded, skipped = init_from(model, run.init_from)
+        print(f"init-from: loaded {len(loaded)} tensors, skipped {len(skipped)} (details in the log)", flush=True)
     local_names = task.local_param_names(model)
     directory = RunDirectory(run_dir)
     directory.write_run_config(
