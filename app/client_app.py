@@ -41,6 +41,7 @@ from app.site_runtime import (
     runtime,
     site_record,
 )
+from app.site_personal import personal_metrics, train_personal
 from app.site_state import SiteStateStore
 from tasks import LocalTrainingOptions
 
@@ -123,6 +124,8 @@ def train(msg: Message, context: Context) -> Message:
     local_names = set(model.state_dict()) - set(shared.keys())
     local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
     load_global(model, shared, local_state)
+    personalize = rt.run.personalization != "none" and not baseline and session is None
+    received_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if personalize else None
     if session is not None:
         try:
             refusal = session.begin_round(epochs)
@@ -165,6 +168,9 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     if local_names and not baseline:
         store.save("fedbn", server_round, {k: state[k] for k in local_names})
+    if personalize:  # after the global update, which it never changes; the personal model stays here
+        train_personal(rt.run, rt.task, store, server_round, received_state, site_data, options.lr,
+                       round_seed(rt.run, rt.site.site_name, server_round, "personal"))
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: state[k] for k in shared.keys()}),
@@ -243,6 +249,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = rt.task.evaluate(model, site_data, "test")
     timing.emit()
     clean = {k: float(v) for k, v in metrics.items() if k != "num-examples"}
+    if rt.run.personalization != "none" and which == "own" and bool(config.get("personal-metrics", True)):
+        clean.update(personal_metrics(rt.task, SiteStateStore(rt.site.state_dir, run_key), server_round, site_data))
     reply = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": int(metrics.get("num-examples", 0)), **clean}),

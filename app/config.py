@@ -31,6 +31,8 @@ from tasks import CLASSIFIERS, TASK_NAMES
 from tasks.base import TaskSettings
 from tasks.training import OPTIMIZERS
 
+PERSONALIZATIONS = ("none", "finetune", "ditto")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -55,6 +57,10 @@ class RunConfig:
     resume_from: str = ""
     home: str = ""
     proximal_mu: float = 0.0
+    personalization: str = "none"
+    ditto_lambda: float = 0.1
+    finetune_epochs: int = 1
+    init_from: str = ""
     server_lr: float = 0.0
     beta_1: float = 0.9
     beta_2: float = 0.99
@@ -223,6 +229,11 @@ def _validate(c: RunConfig) -> None:
         (c.min_train_sites >= 1, "min-train-sites", ">= 1"),
         (c.min_evaluate_sites >= 0, "min-evaluate-sites", ">= 0"),
         (c.proximal_mu >= 0, "proximal-mu", ">= 0"),
+        (c.personalization in PERSONALIZATIONS, "personalization", one_of(PERSONALIZATIONS)),
+        (c.ditto_lambda >= 0, "ditto-lambda", ">= 0"),
+        (c.finetune_epochs >= 1, "finetune-epochs", ">= 1"),
+        (c.personalization == "none" or not c.dp_enabled, "personalization",
+         "'none' in a DP study (a personal model trained without DP-SGD is not protected by the site's budget)"),
         (c.server_lr >= 0, "server-lr", ">= 0 (0 = the strategy's default)"),
         (0 <= c.beta_1 < 1, "beta-1", "in [0, 1)"),
         (0 <= c.beta_2 < 1, "beta-2", "in [0, 1)"),

@@ -37,10 +37,13 @@ def _widths(metric: str) -> list[int]:
     return widths
 
 
-def format_header(metric: str = "dice") -> str:
-    """Column titles (and a rule) for :func:`format_round_row`."""
+def format_header(metric: str = "dice", personal: bool = False) -> str:
+    """Column titles (and a rule) for :func:`format_round_row`; ``personal``: one more column,
+    the personal models' metric (``personalization``)."""
     title = METRIC_TITLES.get(metric, metric)
     cells = [name.format(metric=title).rjust(width) for (name, _), width in zip(_COLUMNS, _widths(metric))]
+    if personal:
+        cells.append(f"personal {title}")
     line = "  ".join(cells)
     return f"{line}\n{'-' * len(line)}"
 
@@ -73,13 +76,16 @@ def round_summary(records: Iterable[Mapping[str, Any]], metric: str = "dice") ->
         agg = evaluate.get("aggregate") or {}
         out["eval_loss"] = agg.get("loss")
         out["metric"] = agg.get(metric)
+        out["personal_metric"] = agg.get(f"personal-{metric}")
         if out["sites"] is None:
             out["sites"] = len(set(evaluate.get("sites") or {}) | set(evaluate.get("excluded") or {}))
     return out
 
 
-def format_round_row(server_round: int, records: Iterable[Mapping[str, Any]], metric: str = "dice") -> str:
-    """One fixed-width line: round, sites sampled, sites excluded, losses, metric, max epsilon, seconds."""
+def format_round_row(server_round: int, records: Iterable[Mapping[str, Any]], metric: str = "dice",
+                     personal: bool = False) -> str:
+    """One fixed-width line: round, sites sampled, sites excluded, losses, metric, max epsilon, seconds
+    (and, with ``personal``, the personal models' metric)."""
     s = round_summary(records, metric)
     widths = _widths(metric)
     cells = [
@@ -92,14 +98,16 @@ def format_round_row(server_round: int, records: Iterable[Mapping[str, Any]], me
         _fmt(s["epsilon"], widths[6], 2),
         _fmt(s["seconds"], widths[7], 1),
     ]
+    if personal:
+        cells.append(_fmt(s.get("personal_metric"), len(f"personal {METRIC_TITLES.get(metric, metric)}"), 4))
     return "  ".join(cells)
 
 
-def format_table(records: Iterable[Mapping[str, Any]], metric: str = "dice") -> str:
+def format_table(records: Iterable[Mapping[str, Any]], metric: str = "dice", personal: bool = False) -> str:
     """Header plus one row per round (rounds in order) for a whole metrics.jsonl."""
     by_round: dict[int, list[Mapping[str, Any]]] = {}
     for record in records:
         if isinstance(record, Mapping) and isinstance(record.get("round"), int):
             by_round.setdefault(int(record["round"]), []).append(record)
-    rows = [format_round_row(r, by_round[r], metric) for r in sorted(by_round) if r > 0]
-    return "\n".join([format_header(metric), *rows])
+    rows = [format_round_row(r, by_round[r], metric, personal) for r in sorted(by_round) if r > 0]
+    return "\n".join([format_header(metric, personal), *rows])

@@ -13,6 +13,10 @@ FedBN: the normalisation layers never leave the sites, so ``final_model.pt`` hol
 untouched initial copy of them. Predicting with a FedBN model therefore needs one site's layers:
 ``--site NAME`` (simulation: ``<state-root>/<NAME>``) or ``--site-state PATH`` (the site's
 ``state-dir``, or one ``fedbn-round-*.pt`` file in it).
+
+Personalization (``--personal``): a site's personal model (``personalization=finetune|ditto``)
+never left the site; the same ``--site``/``--site-state`` find it there (the latest
+``personal-round-*.pt``, a full weights-only state dict) and it replaces ``final_model.pt``'s weights.
 """
 
 from __future__ import annotations
@@ -77,20 +81,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def fedbn_site_state(run: RunConfig, run_dir: Path, site: str | None, site_state: Path | None) -> Path:
-    """The file holding one site's FedBN layers for this run (the latest round saved)."""
+def fedbn_site_state(run: RunConfig, run_dir: Path, site: str | None, site_state: Path | None,
+                     kind: str = "fedbn") -> Path:
+    """The file holding one site's FedBN layers (``kind="personal"``: its personal model) for this
+    run (the latest round saved)."""
+    what = "FedBN layers" if kind == "fedbn" else "personal model"
     if site_state is None and not site:
-        raise PredictError(
-            "this model was trained with FedBN: its normalisation layers stayed at the sites. Pass "
-            "--site NAME (simulation) or --site-state PATH (the site's state-dir or a fedbn-round-*.pt file)"
-        )
+        why = ("this model was trained with FedBN: its normalisation layers stayed at the sites"
+               if kind == "fedbn" else "--personal: a personal model stays at its site")
+        raise PredictError(f"{why}. Pass --site NAME (simulation) or --site-state PATH "
+                           f"(the site's state-dir or a {kind}-round-*.pt file)")
     if site_state is not None and site_state.is_file():
         return site_state
     state_dir = site_state if site_state is not None else run.state_root_path / str(site)
     folder = state_dir / "runs" / run_dir.name
-    files = sorted(folder.glob("fedbn-round-*.pt"))
+    files = sorted(folder.glob(f"{kind}-round-*.pt"))
     if not files:
-        raise PredictError(f"no FedBN layers of run {run_dir.name!r} under {state_dir} (looked for {folder}/fedbn-round-*.pt)")
+        raise PredictError(f"no {what} of run {run_dir.name!r} under {state_dir} (looked for {folder}/{kind}-round-*.pt)")
     return files[-1]
 
 
@@ -130,8 +137,10 @@ def load_model(
     site: str | None = None,
     site_state: str | Path | None = None,
     device: str | None = None,
+    personal: bool = False,
 ) -> LoadedModel:
-    """Rebuild the run's model and load ``model_path`` (and, for FedBN, a site's layers)."""
+    """Rebuild the run's model and load ``model_path`` (and, for FedBN, a site's layers; with
+    ``personal``, the site's personal model instead)."""
     model_path = Path(model_path).expanduser()
     if not model_path.is_file():
         raise PredictError(f"model file {model_path} not found (expected runs/<run>/final_model.pt or a checkpoint)")
@@ -141,7 +150,13 @@ def load_model(
     model = task.build_model()
     state = load_state_dict(model_path)
     used_site_state = None
-    if run.strategy == "fedbn":
+    if personal:
+        if run.personalization == "none":
+            raise PredictError(f"--personal: run {run_dir.name!r} was trained with personalization=none")
+        used_site_state = fedbn_site_state(run, run_dir, site, Path(site_state).expanduser() if site_state else None,
+                                           "personal")
+        state = load_state_dict(used_site_state)
+    elif run.strategy == "fedbn":
         used_site_state = fedbn_site_state(run, run_dir, site, Path(site_state).expanduser() if site_state else None)
         local = load_state_dict(used_site_state)
         expected = task.local_param_names(model)
@@ -403,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file (.nii.gz mask / .json) for one input, else a folder (<case>_seg.nii.gz / <case>_pred.json)")
     p.add_argument("--config", type=Path, help="run_config.json (default: the model's run directory)")
     p.add_argument("--site", help="FedBN: use this (simulated) site's normalisation layers")
-    p.add_argument("--site-state", type=Path, help="FedBN: the site's state-dir or a fedbn-round-*.pt file")
+    p.add_argument("--site-state", type=Path,
+                   help="FedBN / --personal: the site's state-dir or a fedbn-round-*.pt / personal-round-*.pt file")
+    p.add_argument("--personal", action="store_true",
+                   help="use the site's personal model (personalization=finetune|ditto; with --site or --site-state)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     p.add_argument("--modality", choices=("auto", "CT", "MR"), default="auto",
                    help="intensity normalisation; auto = DICOM header, else CT if the image has values below -500")
@@ -429,11 +447,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_library_noise()
     try:
-        loaded = load_model(args.model, args.config, args.site, args.site_state, args.device)
+        loaded = load_model(args.model, args.config, args.site, args.site_state, args.device, args.personal)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if loaded.run.strategy != "fedbn" and (args.site or args.site_state):
+    if loaded.run.strategy != "fedbn" and not args.personal and (args.site or args.site_state):
         print(f"note: --site/--site-state ignored: strategy {loaded.run.strategy} has no site-local layers", file=sys.stderr)
     single = len(args.input) == 1
     task = loaded.run.task

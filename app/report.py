@@ -124,9 +124,11 @@ def build_markdown(data: RunData, figures: dict[str, str]) -> str:
            f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from `{data.root}`.", ""]
     out += _status(data)
     if data.records:
-        out += ["## Rounds", "", "```", format_table(data.records, metric), "```", "",
+        personal = any(f"personal-{metric}" in (r.get("aggregate") or {}) for r in data.records if isinstance(r, dict))
+        out += ["## Rounds", "", "```", format_table(data.records, metric, personal), "```", "",
                 "`sites`: sites sampled for training; `excl`: sites excluded that round (any phase); "
-                "`epsilon`: the largest cumulative DP epsilon any site reported.", ""]
+                "`epsilon`: the largest cumulative DP epsilon any site reported"
+                + ("; `personal`: the sites' personal models (each at its own site)." if personal else "."), ""]
 
     out += ["## Global model per round", ""]
     out += [f"![global metrics]({figures['global']})", ""] if "global" in figures else ["No aggregate metrics recorded.", ""]

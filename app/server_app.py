@@ -69,6 +69,11 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
 
     task = get_task(run.task, run.task_settings())
     model = task.build_model()
+    if run.init_from:  # transfer learning; a resumed run continues from its saved model instead
+        from app.init_from import init_from
+
+        loaded, skipped = init_from(model, run.init_from)
+        print(f"init-from: loaded {len(loaded)} tensors, skipped {len(skipped)} (details in the log)", flush=True)
     local_names = task.local_param_names(model)
     directory = RunDirectory(run_dir)
     directory.write_run_config(
@@ -88,7 +93,7 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     check_site_channels(grid, run.in_channels, run_dir, run.round_timeout_s)  # stops before round 1
     settings = strategy_settings(run, task.best_metric, min_sites)
     strategy = build_strategy(settings, directory, local_names)
-    printer = _console_printer(settings.best_metric)
+    printer = _console_printer(settings.best_metric, run.personalization != "none")
     board = TensorBoardLog(run_dir) if run.tensorboard else None
 
     def on_round_end(server_round: int, records: list[dict]) -> None:
@@ -126,7 +131,7 @@ def _write_report(run_dir: Path) -> None:
     print(f"Report: {write_report(run_dir)}", flush=True)
 
 
-def _console_printer(metric: str):
+def _console_printer(metric: str, personal: bool = False):
     """One line per round: round, sites, loss, metric, epsilon, seconds (DESIGN 3.5 numbers)."""
     try:
         from app.console import format_header, format_round_row
@@ -139,9 +144,9 @@ def _console_printer(metric: str):
             print(f"[round {server_round}] " + json.dumps(records[-1].get("aggregate", {})), flush=True)
             return
         if not state["header"]:
-            print(format_header(metric), flush=True)
+            print(format_header(metric, personal), flush=True)
             state["header"] = True
-        print(format_round_row(server_round, records, metric), flush=True)
+        print(format_round_row(server_round, records, metric, personal), flush=True)
 
     return on_round_end
 

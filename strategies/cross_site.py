@@ -2,7 +2,9 @@
 
 Models: the global model, and with ``local-baselines`` one local-only model per site (trained from
 the initial model on that site's data alone: train message with config ``local-baseline=True``
-and ``local-epochs`` = the run's total epochs). Columns: the sites, plus ``unseen`` when
+and ``local-epochs`` = the run's total epochs). With ``personalization``, one ``personal:<site>``
+row per site: the ``personal-<metric>`` its evaluate reply gives beside the global model's, at
+that site only, since a personal model never leaves its site. Columns: the sites, plus ``unseen`` when
 ``unseen-site`` is on (one node evaluates on the demo unseen site, config ``eval-dataset=unseen``).
 The matrix maths (``summarise``) is a pure function. The strategy is used only through its
 public interface: ``settings``, ``global_arrays``, ``initial_arrays``, ``num_rounds``,
@@ -41,6 +43,7 @@ def summarise(models: Sequence[str], sites: Sequence[str], matrix: Sequence[Sequ
     diag: list[float] = []
     off: list[float] = []
     local_unseen: list[float] = []
+    personal: list[float] = []  # each personal model at its own site
     out: dict[str, Any] = {}
     real = [s for s in sites if s != UNSEEN]
     for model, row in zip(models, matrix):
@@ -54,6 +57,10 @@ def summarise(models: Sequence[str], sites: Sequence[str], matrix: Sequence[Sequ
                 (diag if site == own else off).append(float(v))
             if values.get(UNSEEN) is not None:
                 local_unseen.append(float(values[UNSEEN]))
+        elif model.startswith("personal:"):
+            own = model.split(":", 1)[1]
+            if values.get(own) is not None:
+                personal.append(float(values[own]))
         elif model == "global":
             vals = [float(values[s]) for s in real if values.get(s) is not None]
             out["global_mean"] = _mean(vals)
@@ -63,6 +70,8 @@ def summarise(models: Sequence[str], sites: Sequence[str], matrix: Sequence[Sequ
     out["mean_off_diagonal"] = _mean(off)
     if local_unseen:
         out["local_unseen_mean"] = _mean(local_unseen)
+    if personal:
+        out["personal_mean"] = _mean(personal)
     return {"mean_diagonal": out.pop("mean_diagonal"), "mean_off_diagonal": out.pop("mean_off_diagonal"), **out}
 
 
@@ -103,8 +112,11 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
     # every model at every site
     scores: dict[tuple[str, str], float | None] = {}
     site_names: set[str] = set()
+    personal_rows: set[str] = set()
     for name in sorted(models, key=lambda m: (m != "global", m)):
-        cfg = ConfigRecord({**dict(strategy.evaluate_config), "server-round": server_round})
+        # Sites report their personal models' metrics only beside the global model's.
+        cfg = ConfigRecord({**dict(strategy.evaluate_config), "server-round": server_round,
+                            "personal-metrics": name == "global"})
         content = RecordDict({"arrays": to_record(models[name]), "config": cfg})
         msgs = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         batches = [(False, msgs)]
@@ -120,9 +132,14 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
                 if reason:
                     excluded[f"{name}@{site}"] = reason
                 scores[(name, site)] = value
+                if name == "global" and not unseen:  # personal:<site>, at that site only (it never leaves)
+                    personal, _ = _metric_of(reply, f"personal-{metric}")
+                    if personal is not None:
+                        personal_rows.add(f"personal:{site}")
+                        scores[(f"personal:{site}", site)] = personal
 
     sites = sorted(n for n in site_names if n != UNSEEN) + ([UNSEEN] if s.unseen_site else [])
-    model_names = sorted(models, key=lambda m: (m != "global", m))
+    model_names = sorted(models, key=lambda m: (m != "global", m)) + sorted(personal_rows)
     matrix = [[scores.get((m, site)) for site in sites] for m in model_names]
     result = {
         "metric": metric,

@@ -60,6 +60,9 @@ class LocalTrainingOptions:
     lr: float | None = None
     seed: int = 0
     proximal_mu: float = 0.0
+    # The point the proximal term pulls toward (Ditto: the received global model); None = the
+    # model's weights at the start of the round (FedProx).
+    proximal_anchor: dict[str, torch.Tensor] | None = None
     # SCAFFOLD: server and site control variates (same keys as trainable parameters).
     scaffold_server: dict[str, torch.Tensor] | None = None
     scaffold_site: dict[str, torch.Tensor] | None = None

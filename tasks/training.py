@@ -1,6 +1,7 @@
 """The local training loop both tasks share, with the FedProx and SCAFFOLD site-side terms.
 
-FedProx adds ``mu/2 * ||w - w_global||^2`` to every step's loss. SCAFFOLD corrects every
+FedProx adds ``mu/2 * ||w - w_global||^2`` to every step's loss (Ditto the same, with
+``w_global`` the received global model while ``w`` is the site's personal model). SCAFFOLD corrects every
 gradient by ``c - c_i`` and, after the round, sets the site variate to the mean raw local
 gradient: Karimireddy et al.'s option II (``c_i - c + (w_global - w_local) / (K * lr)``) under
 plain SGD, and still correct with momentum, where option II's formula diverged on the demo.
@@ -52,6 +53,8 @@ def train_local(
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     global_params = trainable_state(model) if (options.proximal_mu > 0 or options.scaffold_server) else None
+    if options.proximal_mu > 0 and options.proximal_anchor is not None:
+        global_params = {n: options.proximal_anchor[n].detach().to(p.device) for n, p in named}
     optimizer = make_optimizer(optimizer_name, (p for _, p in named), lr)
     correction = None
     grad_sums: dict[str, torch.Tensor] = {}

@@ -26,18 +26,23 @@ TINY = {
     "num-server-rounds": 1, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6",
     "roi-size": "16,16,16", "channels": "4,8,16", "crops-per-case": 1, "batch-size": 2,
     "local-baselines": True, "strategy": "scaffold", "optimizer": "sgd", "lr": 0.01,
+    "personalization": "ditto",  # each site also trains a personal model, which must never leave it
 }
 SITE_KEYS = {"site-name", "refused-reason", "eval-dataset", "channel-names"}
 README = Path(__file__).resolve().parents[2] / "README.md"
 CONSOLE: dict[str, str] = {}  # what the captured study printed
+SENT: list = []  # what the captured study's server sent to the sites
 
 
 class CapturingGrid(LocalGrid):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.replies = []
+        self.sent = []
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.extend(messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
         self.replies.extend(replies)
         return replies
@@ -54,6 +59,7 @@ def captured(tmp_path_factory):
     CONSOLE["stdout"] = out.getvalue()
     config = parse_run_config(raw)
     model = get_task(config.task, config.task_settings()).build_model()
+    SENT[:] = grid.sent
     return grid.replies, home, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -89,6 +95,38 @@ def test_replies_hold_only_model_arrays_numbers_and_site_names(captured):
                     assert record["channel-names"] == ["CT"]
             else:
                 pytest.fail(f"unexpected record type {type(record).__name__}")
+
+
+def test_personal_models_stay_at_their_site(captured):
+    from fedimaging.weights import load_tensors
+
+    replies, home, model_shapes = captured
+    personal = sorted(home.rglob("personal-round-*.pt"))
+    assert len(personal) == 3  # one per site, in its state-dir (1 round)
+
+    def arrays(messages):
+        return [array.numpy() for m in messages for record in m.content.values()
+                if isinstance(record, ArrayRecord) for array in record.values()]
+
+    sent, received = arrays(replies), arrays(SENT)
+    moved = 0
+    for path in personal:
+        state = load_tensors(path)
+        assert {k: tuple(v.shape) for k, v in state.items()} == model_shapes
+        for name, tensor in state.items():
+            value = tensor.numpy()
+            # a tensor training left (up to rounding) as the server sent it tells nothing: a conv bias
+            # before a norm layer has a zero gradient, and rounds alike in the global update
+            if tensor.dtype.is_floating_point and not any(a.shape == value.shape and np.allclose(a, value, rtol=1e-4)
+                                                          for a in received):
+                moved += 1
+                assert not any(a.shape == value.shape and np.array_equal(a, value) for a in sent), \
+                    f"{path.parent.name}: personal {name} was sent"
+    assert moved > 3 * len(model_shapes) // 2  # most personal tensors were trained away from the global model
+    evaluated = [r.content["metrics"] for r in replies
+                 if "arrays" not in r.content and "personal-dice" in r.content.get("metrics", {})]
+    assert len(evaluated) >= 3  # every site reports its personal model beside the global one
+    assert all(0 <= m["personal-dice"] <= 1 for m in evaluated)
 
 
 def test_sites_describe_their_channels_before_round_one_and_nothing_else(captured):
@@ -264,8 +302,19 @@ def _column_ends(line: str) -> list[int]:
     return [m.end() for m in re.finditer(r"\S+", line)]
 
 
+def _without_personal_column(lines: list[str]) -> list[str]:
+    """The captured study is personalized (ditto); the README shows a default run, which has no
+    trailing ``personal Dice`` column: cut the table's lines where that column begins."""
+    title = next((line for line in lines if line.startswith("round ")), "")
+    if not title.endswith("  personal Dice"):
+        return lines
+    width = len(title) - len("  personal Dice")
+    table = re.compile(r"round |-+$|\s+\d+\s")
+    return [line[:width].rstrip() if table.match(line) else line for line in lines]
+
+
 def test_the_readme_shows_what_a_real_run_prints(captured):
-    real = CONSOLE["stdout"].splitlines()
+    real = _without_personal_column(CONSOLE["stdout"].splitlines())
     shown = [line for line in _readme_console_block() if line.strip() != "..."]
     assert shown[1:3] == real[1:3]  # column titles and rule, character for character
     real_rows = [line for line in real if re.match(r"\s+\d+\s", line)]

@@ -46,3 +46,15 @@ def test_table_has_one_row_per_round():
     lines = format_table(records + [{"round": 0, "phase": "evaluate", "seconds": 0.0}], "dice").splitlines()
     assert len(lines) == 2 + 5
     assert [int(line.split()[0]) for line in lines[2:]] == [1, 2, 3, 4, 5]
+
+
+def test_personal_column_shows_the_personal_models_metric():
+    records = synthetic_metrics(rounds=2, dp=False)
+    train, evaluate = _round(records, 1)
+    evaluate = {**evaluate, "aggregate": {**evaluate["aggregate"], "personal-dice": 0.8123}}
+    header = format_header("dice", personal=True).splitlines()[0]
+    full = format_round_row(1, [train, evaluate], "dice", personal=True)
+    train_only = format_round_row(2, [r for r in _round(records, 2) if r["phase"] == "train"], "dice", personal=True)
+    assert header.endswith("personal Dice") and len(full) == len(train_only) == len(header)
+    assert full.split()[-1] == "0.8123" and train_only.split()[-1] == "-"
+    assert format_round_row(1, [train, evaluate], "dice") == full[: len(format_header("dice").splitlines()[0])]

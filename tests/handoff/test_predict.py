@@ -175,6 +175,31 @@ def test_fedbn_needs_and_uses_site_layers(ct_case, tmp_path, capsys):
     assert predict_main(args + ["--site", "site-a", "--device", "cpu"]) == 0
 
 
+def test_personal_needs_a_personalized_run_and_uses_the_sites_latest_personal_model(ct_case, tmp_path, capsys):
+    plain = tmp_path / "run-plain"
+    write_run_config(plain)
+    save_random_model(plain)
+    out = ["--input", str(ct_case), "--output", str(tmp_path / "o.nii.gz"), "--device", "cpu"]
+    assert predict_main(["--model", str(plain / "final_model.pt"), "--personal", "--site", "site-a", *out]) == 2
+    assert "personalization=none" in capsys.readouterr().err
+    run = tmp_path / "run-ditto"
+    write_run_config(run, personalization="ditto")
+    save_random_model(run)
+    assert predict_main(["--model", str(run / "final_model.pt"), "--personal", *out]) == 2
+    assert "--site-state" in capsys.readouterr().err  # a personal model is only at its site
+    model = get_task("segmentation", read_run_config(run / "run_config.json").task_settings()).build_model()
+    personal = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    folder = tmp_path / "state" / "site-a" / "runs" / run.name
+    folder.mkdir(parents=True)
+    torch.save({k: v * 0 for k, v in personal.items()}, folder / "personal-round-000001.pt")
+    torch.save(personal, folder / "personal-round-000002.pt")
+    loaded = load_model(run / "final_model.pt", site_state=folder.parents[1], device="cpu", personal=True)
+    assert loaded.site_state.name == "personal-round-000002.pt"
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in personal.items())
+    final = load_model(run / "final_model.pt", device="cpu").model.state_dict()  # without --personal: the global model
+    assert not all(torch.equal(final[k], v) for k, v in personal.items())
+
+
 @pytest.mark.slow  # a full-size DenseNet121 (about 15 s on a shared CPU)
 def test_classification_writes_class_probabilities(tmp_path, ct_case):
     run = tmp_path / "run-cls"
