@@ -1,8 +1,9 @@
 """Suite-wide: how pytest-xdist shares the tests between its two workers (``addopts`` in pyproject).
 
 ``--dist loadgroup`` with one group per test file behaves like ``--dist loadfile`` (a file's
-module fixtures are built once, on one worker), and the files that start a Ray simulation share
-one group, so two Ray clusters never start at once on a 2-core machine.
+module fixtures are built once, on one worker). Integration tests (minutes each, mostly waiting
+on Flower's polling) are spread one by one instead, and the files that start a Ray simulation
+share one group, so two Ray clusters never start at once on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -16,4 +17,10 @@ RAY_SIMULATION_FILES = {"tests/integration/test_simulation.py", "tests/integrati
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group("ray-simulation" if path in RAY_SIMULATION_FILES else path))
+        if path in RAY_SIMULATION_FILES:
+            group = "ray-simulation"
+        elif path.startswith("tests/integration/"):
+            group = item.nodeid
+        else:
+            group = path
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -217,33 +217,3 @@ def test_a_site_killed_mid_round_is_excluded_and_the_run_finishes(make_federatio
     assert "site-c" in train[1]["excluded"] or any("node-" in k for k in train[1]["excluded"])
     assert (run_dir / "final_model.pt").is_file()
     assert time.monotonic() - killed_at < 400
-
-
-def test_superlink_killed_after_a_round_resumes_from_the_run_directory(
-    make_federation, datasets, tmp_path: Path
-) -> None:
-    sites = {"site-a": datasets["site-a"], "site-b": datasets["site-b"]}
-    fed = make_federation(sites)
-    link = fed.start_superlink()
-    assert fed.register().returncode == 0
-    _start_sites(fed, sites)
-    run_dir = tmp_path / "run"
-    config = {"num-server-rounds": 3, "min-available-sites": 2, "demo": False, "fraction-evaluate": 0.0, **TINY}
-    run = fed.run_study({**config, "run-dir": str(run_dir)})
-    fed.wait_until(lambda: (run_dir / "server_state" / "latest.json").exists() or not run.alive(), 600,
-                   "round 1 to be saved")
-    fed.stop(link, sig_kill=True)  # the SuperLink host crashes (ServerApp and all)
-    fed.stop(run)
-    first = _metrics(run_dir)
-    done = max(r["round"] for r in first)
-    assert 1 <= done < 3
-
-    fed.start_superlink(name="superlink-restarted")  # same database: registrations survive
-    resumed = fed.run_study({**config, "resume-from": str(run_dir)}, name="flwr-run-resume")
-    _finish(fed, resumed, 900)
-    lines = _metrics(run_dir)
-    train = [r for r in lines if r["phase"] == "train"]
-    assert [r["round"] for r in train] == [1, 2, 3]
-    assert [r for r in lines if r["round"] <= done] == [r for r in first if r["round"] <= done]
-    assert (run_dir / "final_model.pt").is_file()
-    assert set(train[-1]["sites"]) == set(sites)
