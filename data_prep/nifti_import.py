@@ -176,7 +176,7 @@ def import_dataset(input_path, output_dir, fmt: str = "auto", labels=None, modal
     if not 0.0 <= options.test_fraction < 1.0:
         raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     input_path, out = Path(input_path).expanduser(), Path(output_dir).expanduser()
-    _check_input_output(input_path, out)
+    prep_folders.check_pair(input_path, out)
     owned_before = prep_folders.owned_files(out, IMPORTER_VERSION)  # refuses a folder that is not ours
     try:
         source = read_source(input_path, fmt, Path(labels).expanduser() if labels else None, options.modality)
@@ -233,16 +233,6 @@ def import_dataset(input_path, output_dir, fmt: str = "auto", labels=None, modal
         for k, r in results.items() if k in hashes}}
     return _finish(input_path.resolve(), out, private, source, results, modality, options, new_state, start,
                    owned_before)
-
-
-def _check_input_output(input_path: Path, out: Path) -> None:
-    if not input_path.exists():
-        raise UsageError(f"input {input_path} does not exist")
-    inp, dst = input_path.resolve(), out.resolve()
-    if inp == dst or inp in dst.parents or dst in inp.parents:
-        raise UsageError(f"output folder {dst} must not be inside (or contain) the input {inp}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
 
 
 def _outputs_exist(out: Path, result: dict) -> bool:

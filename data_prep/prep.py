@@ -78,14 +78,8 @@ class PrepResult:
 
 def _check_folders(input_dir: Path, output_dir: Path) -> set[str]:
     """Refuse bad folder pairs; return the files prep wrote earlier into ``output_dir``."""
-    if not input_dir.is_dir():
-        raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
-    inp, out = input_dir.resolve(), output_dir.resolve()
-    if inp == out or inp in out.parents or out in inp.parents:
-        raise UsageError(f"output folder {out} must not be inside (or contain) the input folder {inp}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder")
-    return prep_folders.owned_files(out, CONVERTER_VERSION)
+    prep_folders.check_pair(input_dir, output_dir)
+    return prep_folders.owned_files(output_dir.resolve(), CONVERTER_VERSION)
 
 
 def _files_hash(group: SeriesGroup, label_path: Path | None, options: PrepOptions,

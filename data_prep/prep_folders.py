@@ -61,6 +61,17 @@ def _only_a_site_secret(out: Path) -> bool:
     return [e.name for e in entries[0].iterdir()] == [deid.SECRET_FILE]
 
 
+def check_pair(input_dir: Path, output_dir: Path) -> None:
+    """Refuse folder pairs that could lose data: a missing input, an output inside (or holding) it."""
+    if not input_dir.is_dir():
+        raise UsageError(f"input folder {input_dir} does not exist or is not a folder")
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if inp == out or inp in out.parents or out in inp.parents:
+        raise UsageError(f"output folder {out} must not be inside (or contain) the input folder {inp}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"output {output_dir} exists and is not a folder")
+
+
 def owned_files(out: Path, converter: str) -> set[str]:
     """Relative paths prep wrote into ``out``; empty for a new or empty folder.
 

@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from deploy.loopback import LoopbackFederation
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -88,3 +91,21 @@ def run_shell(command: str, env: dict, cwd: Path, timeout: float) -> subprocess.
     return subprocess.run(
         ["bash", "-c", command], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def make_federation(tmp_path: Path) -> Iterator:
+    """Factory of loopback federations; every process is stopped at the end, pass or fail."""
+    made: list[LoopbackFederation] = []
+
+    def make(sites: dict[str, Path], **kwargs) -> LoopbackFederation:
+        fed = LoopbackFederation(tmp_path / f"fed{len(made)}", sites, **kwargs)
+        made.append(fed)
+        fed.init()
+        return fed
+
+    try:
+        yield make
+    finally:
+        for fed in made:
+            fed.stop()

@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,24 +37,6 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Prepared site datasets (as `fedimaging prep` / `demo-data` would leave them)."""
     root = tmp_path_factory.mktemp("site-data")
     return {site: write_demo_site(root / site, site, seed=11, size="small") for site in SITES}
-
-
-@pytest.fixture
-def make_federation(tmp_path: Path) -> Iterator:
-    """Factory of loopback federations; every process is stopped at the end, pass or fail."""
-    made: list[LoopbackFederation] = []
-
-    def make(sites: dict[str, Path], **kwargs) -> LoopbackFederation:
-        fed = LoopbackFederation(tmp_path / f"fed{len(made)}", sites, **kwargs)
-        made.append(fed)
-        fed.init()
-        return fed
-
-    try:
-        yield make
-    finally:
-        for fed in made:
-            fed.stop()
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -25,7 +25,6 @@ from app.server_app import run_study
 from bench.deploy import timing_lines
 from bench.local_grid import LocalGrid
 from data_prep.demo import write_demo_site
-from deploy.loopback import LoopbackFederation
 from tasks.cache import cache_dir_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,20 +43,9 @@ def datasets(tmp_path_factory):
 
 
 @pytest.fixture
-def federations(tmp_path):
-    made = []
-
-    def make(sites, **kwargs):
-        fed = LoopbackFederation(tmp_path / f"fed{len(made)}", sites, extra_env={"FEDIMAGING_TIMINGS": "1"}, **kwargs)
-        made.append(fed)
-        fed.init()
-        return fed
-
-    try:
-        yield make
-    finally:
-        for fed in made:
-            fed.stop()
+def federations(make_federation):
+    """Loopback federations (tests/integration/conftest.py) whose sites print their timing lines."""
+    return lambda sites, **kwargs: make_federation(sites, extra_env={"FEDIMAGING_TIMINGS": "1"}, **kwargs)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
