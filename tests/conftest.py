@@ -1,9 +1,9 @@
-"""Suite-wide: how pytest-xdist shares the tests between its two workers (``addopts`` in pyproject).
+"""Suite-wide: how pytest-xdist shares the tests between workers when run with ``pytest -n 2``.
 
 ``--dist loadgroup`` with one group per test file behaves like ``--dist loadfile`` (a file's
 module fixtures are built once, on one worker). Integration tests (minutes each, mostly waiting
 on Flower's polling) are spread one by one instead, and the files that start a Ray simulation
-share one group, so two Ray clusters never start at once on a 2-core machine.
+share one group, so two Ray clusters never start at once. Without ``-n`` the marks do nothing.
 """
 
 from __future__ import annotations
