@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SITES = ("site-a", "site-b")
 TINY = ("demo-size='small' spacing='6,6,6' roi-size='16,16,16' channels='4,8' num-res-units=0 crops-per-case=1 "
-        "local-epochs=1 batch-size=2 torch-threads=1 cross-site=false seed=3")
+        "local-epochs=1 batch-size=2 torch-threads=1 cross-site=false seed=3 fraction-evaluate=0")
 
 
 def _commands(block: str) -> list[str]:

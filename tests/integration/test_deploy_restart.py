@@ -1,9 +1,10 @@
 """Real loopback deployments (TLS, auth, start scripts) with DP sites and restarts.
 
-- DP in every node config: each site's ledger is written in its state-dir, a SuperNode killed and
-  restarted mid-study continues with its ledger (epsilon keeps growing, never restarts at 0) and its
-  preprocessed cache (no case is preprocessed again), and a site whose budget is already spent
-  refuses with a reason code and is excluded.
+- DP in every node config: each site's ledger is written in its state-dir; a SuperNode killed
+  mid-round is excluded from that round while the study goes on, and restarted it continues with
+  its ledger (epsilon keeps growing, never restarts at 0) and its preprocessed cache (no case is
+  preprocessed again); a site whose budget is already spent refuses with a reason code and is
+  excluded.
 - A SuperLink killed after a round and restarted with ``resume-from`` ends with the same final
   model as an uninterrupted run of the same seed.
 
@@ -98,19 +99,27 @@ def test_dp_sites_keep_ledger_and_cache_across_a_supernode_restart(federations, 
     procs = _start(fed, datasets)
     run_dir = tmp_path / "run"
     config = {**TINY, "num-server-rounds": 3, "min-available-sites": 3, "dp-required": True,
-              "dp-study-epsilon": 2.0, "run-dir": str(run_dir)}
+              "dp-study-epsilon": 2.0, "run-dir": str(run_dir),
+              "round-timeout-s": 300.0}  # a safety net: Flower reports a dead node after about 60 s
     run = fed.run_study(config)
-    fed.wait_until(lambda: len(_train_lines(run_dir)) >= 1 or not run.alive(), 900, "round 1 to finish")
-    fed.stop(procs["site-a"])  # the hospital restarts its SuperNode mid-study
+    # round 2 has reached site-a: the hospital's SuperNode dies (SIGKILL, its ClientApp too) mid-round
+    victim = procs["site-a"]
+    fed.wait_until(lambda: victim.log().count("Receiving: train message") >= 2 or not run.alive(), 900,
+                   "site-a to receive the round-2 train message")
+    assert [r["round"] for r in _train_lines(run_dir)] == [1]
+    fed.stop(victim, sig_kill=True)
     ledger = state["site-a"] / "privacy" / "ledger.json"
     assert ledger.is_file()
     entries_before = sorted(p.name for p in cache_dir_for(state["site-a"]).glob("*.pt"))
     assert entries_before  # round 1 built the cache
-    restarted = _restart(fed, "site-a")
+    restarted = _restart(fed, "site-a")  # and is started again
     assert run.wait(1200) == 0, fed.logs_tail()
 
     train = _train_lines(run_dir)
     assert [r["round"] for r in train] == [1, 2, 3]
+    # the killed site is excluded from round 2 and the round goes on with the others
+    assert "site-a" in train[1]["excluded"] or any("node-" in k for k in train[1]["excluded"]), train[1]
+    assert train[1]["sites"].get("site-b", {}).get("num-examples", 0) > 0
     # the spent site refuses with a code (no number, no path), is excluded, and never trains
     assert train[0]["excluded"].get("site-c") == "refused: privacy-budget-exhausted"
     for line in train:
