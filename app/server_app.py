@@ -69,7 +69,7 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     torch.set_num_threads(max(1, run.torch_threads or torch.get_num_threads()))
 
     task = get_task(run.task, run.task_settings())
-    model = task.build_model()
+    model = _build_model(task)
     if run.init_from:  # transfer learning; a resumed run continues from its saved model instead
         from app.init_from import init_from
 
@@ -127,14 +127,19 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     return run_dir
 
 
-def _frozen_names(task, model) -> frozenset[str]:
-    """Run config ``freeze`` resolved against the model, before round 1 (a bad pattern stops here)."""
+def _build_model(task):
+    """The initial model; run config ``freeze`` is resolved here, before round 1 (a bad pattern stops)."""
     from tasks.freeze import FreezeError
 
     try:
-        frozen = task.frozen_names(model)
+        return task.build_model()
     except FreezeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _frozen_names(task, model) -> frozenset[str]:
+    """Run config ``freeze`` resolved against the model (sent to the sites, never returned)."""
+    frozen = task.frozen_names(model)
     if frozen:
         trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
         total = sum(p.numel() for p in model.parameters())
