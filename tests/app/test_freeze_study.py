@@ -111,3 +111,17 @@ def test_freeze_is_refused_with_central_dp():
         parse_run_config({"freeze": "encoder", "central-dp": "server-side"})
     assert parse_run_config({"freeze": " encoder , model.2.* ,"}).freeze == ("encoder", "model.2.*")
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.slow
+def test_secure_aggregation_encrypts_only_what_is_not_frozen(tmp_path):
+    import json
+
+    replies, run_dir, model, frozen = _study(tmp_path, **{"secure-aggregation": "he", "cross-site": False,
+                                                          "state-root": str(tmp_path / "state")})
+    train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x][0]
+    assert train["secure-aggregation"]["contributors"] == 2 and not train["excluded"]
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    he = [r.content["he"] for r in replies if "he" in r.content and "train-steps" in r.content.get("metrics", {})]
+    assert len(he) == 2 and all(record["num-values"] == trainable for record in he)
+    _check_global(run_dir, model, frozen)
