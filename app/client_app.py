@@ -1,6 +1,7 @@
 """ClientApp: translates Flower messages into task calls at one site. Nothing else.
 
-What leaves the site is chosen here, by parameter name: the model's shared arrays, numeric
+What leaves the site is chosen here, by parameter name: the model's shared arrays (less those
+run config ``freeze`` keeps fixed: the server keeps its own copy of them), numeric
 metrics, the site's public name and, for SCAFFOLD, the change of its control variate. No
 file path, case name or image value is ever put into a reply; dataset errors are logged in
 full at the site and reported to the server only as a reason code (``app.site_failures``):
@@ -122,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         model = rt.task.build_model()
     local_names = set(model.state_dict()) - set(shared.keys())
+    frozen = rt.task.frozen_names(model)  # run config freeze: fixed here, never sent back
     local_state = None if baseline or not local_names else store.load_before("fedbn", server_round)
     load_global(model, shared, local_state)
     personalize = rt.run.personalization != "none" and not baseline and session is None
@@ -173,7 +175,7 @@ def train(msg: Message, context: Context) -> Message:
                        round_seed(rt.run, rt.site.site_name, server_round, "personal"))
     reply = RecordDict(
         {
-            "arrays": ArrayRecord({k: state[k] for k in shared.keys()}),
+            "arrays": ArrayRecord({k: state[k] for k in shared.keys() if k not in frozen}),
             "metrics": MetricRecord(
                 {"num-examples": result.num_examples, "loss": result.loss, "train-steps": result.steps,
                  "train-seconds": result.seconds, **result.extra, **received}
@@ -183,7 +185,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     if rt.run.secure_aggregation == "he" and not baseline:  # the update leaves only encrypted
         del reply["arrays"]
-        reply["he"] = site_he.train_record(rt.run, rt.site, run_key, shared, state, result.num_examples,
+        returned = ArrayRecord({k: shared[k] for k in shared.keys() if k not in frozen})
+        reply["he"] = site_he.train_record(rt.run, rt.site, run_key, returned, state, result.num_examples,
                                            server_round)
     if result.scaffold_delta is not None:
         site_c = options.scaffold_site or {k: torch.zeros_like(v) for k, v in result.scaffold_delta.items()}

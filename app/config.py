@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config_values import ConfigError, bool_value, finite, floats, ints
+from app.config_values import ConfigError, bool_value, finite, floats, ints, patterns
 from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_root
 from strategies import STRATEGY_NAMES, StrategySettings
 from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
@@ -61,6 +61,7 @@ class RunConfig:
     ditto_lambda: float = 0.1
     finetune_epochs: int = 1
     init_from: str = ""
+    freeze: tuple[str, ...] = ()  # parameters fixed at every site and kept out of replies (tasks.freeze)
     server_lr: float = 0.0
     beta_1: float = 0.9
     beta_2: float = 0.99
@@ -157,6 +158,7 @@ class RunConfig:
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
             seed=self.seed,
+            freeze=self.freeze,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -174,6 +176,7 @@ _LIST_PARSERS = {
     "channels": lambda k, v: ints(k, v),
     "ct_window": lambda k, v: floats(k, v, 2),
     "classification_size": lambda k, v: ints(k, v, 3),
+    "freeze": patterns,
 }
 
 
@@ -234,6 +237,8 @@ def _validate(c: RunConfig) -> None:
         (c.finetune_epochs >= 1, "finetune-epochs", ">= 1"),
         (c.personalization == "none" or not c.dp_enabled, "personalization",
          "'none' in a DP study (a personal model trained without DP-SGD is not protected by the site's budget)"),
+        (not c.freeze or c.central_dp == "off", "freeze",
+         "empty under central-dp (Flower's clipping pairs every array of the model with the reply's)"),
         (c.server_lr >= 0, "server-lr", ">= 0 (0 = the strategy's default)"),
         (0 <= c.beta_1 < 1, "beta-1", "in [0, 1)"),
         (0 <= c.beta_2 < 1, "beta-2", "in [0, 1)"),

@@ -57,3 +57,16 @@ def bool_value(key: str, value: Any) -> bool:
     if text in ("false", "0", "no", ""):
         return False
     raise ConfigError(f"run config '{key}': expected true or false, got {value!r}")
+
+
+def patterns(key: str, value: Any) -> tuple[str, ...]:
+    """``"encoder, model.2.*"`` (or a list) -> the non-empty, stripped names, in order, each once."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool) or "\x00" in str(item):
+            raise ConfigError(f"run config '{key}': expected comma-separated names, got {value!r}")
+        text = str(item).strip()
+        if text and text not in out:
+            out.append(text)
+    return tuple(out)

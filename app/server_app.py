@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from app.config import RunConfig, parse_run_config, strategy_settings
+from app.config_values import ConfigError
 from app.preflight import check_site_channels
 from app.tensorboard_log import TensorBoardLog
 from strategies import NoSiteTrained, RunDirectory, build_strategy
@@ -68,13 +69,14 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     torch.set_num_threads(max(1, run.torch_threads or torch.get_num_threads()))
 
     task = get_task(run.task, run.task_settings())
-    model = task.build_model()
+    model = _build_model(task)
     if run.init_from:  # transfer learning; a resumed run continues from its saved model instead
         from app.init_from import init_from
 
         loaded, skipped = init_from(model, run.init_from)
         print(f"init-from: loaded {len(loaded)} tensors, skipped {len(skipped)} (details in the log)", flush=True)
     local_names = task.local_param_names(model)
+    frozen = _frozen_names(task, model)
     directory = RunDirectory(run_dir)
     directory.write_run_config(
         {
@@ -92,7 +94,7 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     _wait_for_sites(grid, run, min_sites)
     check_site_channels(grid, run.in_channels, run_dir, run.round_timeout_s)  # stops before round 1
     settings = strategy_settings(run, task.best_metric, min_sites)
-    strategy = build_strategy(settings, directory, local_names)
+    strategy = build_strategy(settings, directory, local_names, frozen)
     printer = _console_printer(settings.best_metric, run.personalization != "none")
     board = TensorBoardLog(run_dir) if run.tensorboard else None
 
@@ -123,6 +125,27 @@ def run_study(grid: Grid, run_config: dict, run_id: int) -> Path:
     _write_report(run_dir)
     print(f"Run directory: {run_dir}", flush=True)
     return run_dir
+
+
+def _build_model(task):
+    """The initial model; run config ``freeze`` is resolved here, before round 1 (a bad pattern stops)."""
+    from tasks.freeze import FreezeError
+
+    try:
+        return task.build_model()
+    except FreezeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _frozen_names(task, model) -> frozenset[str]:
+    """Run config ``freeze`` resolved against the model (sent to the sites, never returned)."""
+    frozen = task.frozen_names(model)
+    if frozen:
+        trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"freeze: {len(frozen)} tensors fixed; {trainable} of {total} parameters train and travel back",
+              flush=True)
+    return frozen
 
 
 def _write_report(run_dir: Path) -> None:

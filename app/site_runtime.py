@@ -129,7 +129,9 @@ def dp_session(rt: SiteRuntime, dataset: SiteDataset, site_data: Any, run_key: s
         except ValueError as exc:
             raise SiteDataError(f"site DP settings: {exc}", "site-config-invalid") from None
         model = rt.task.build_model().to(device())
-        optimizer = make_optimizer(rt.task.settings.optimizer, model.parameters(), rt.run.lr)
+        # Opacus clips and noises only what trains: frozen parameters (run config freeze) are not its business
+        optimizer = make_optimizer(rt.task.settings.optimizer, (p for p in model.parameters() if p.requires_grad),
+                                   rt.run.lr)
         _DP_SESSIONS[key] = DPSiteSession(
             model=model, optimizer=optimizer, train_loader=rt.task.dp_loader(site_data), settings=settings,
             state_dir=rt.site.state_dir, cases=case_units(dataset.root, [c.name for c in dataset.training]),

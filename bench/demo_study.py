@@ -118,6 +118,10 @@ def federated_arm(study: DemoStudy, run_dir: Path, **overrides: Any) -> dict[str
     per_round: dict[int, float] = {}
     for r in records:
         per_round[r["round"]] = per_round.get(r["round"], 0.0) + r["seconds"]
-    return {"site_dice": final, "mean_dice": study.weighted(final), "unseen_dice": unseen, "seconds": seconds,
-            "seconds_per_round": float(np.mean(list(per_round.values()))),
-            "curve": [r["aggregate"].get(metric) for r in evaluations], "run_dir": str(run_dir)}
+    result = {"site_dice": final, "mean_dice": study.weighted(final), "unseen_dice": unseen, "seconds": seconds,
+              "seconds_per_round": float(np.mean(list(per_round.values()))),
+              "curve": [r["aggregate"].get(metric) for r in evaluations], "run_dir": str(run_dir)}
+    personal = {s: evaluations[-1]["sites"][s].get(f"personal-{metric}") for s in study.sites}
+    if all(isinstance(v, (int, float)) for v in personal.values()):  # personalization: each site's own model
+        result.update(personal_site_dice=personal, personal_mean_dice=study.weighted(personal))
+    return result

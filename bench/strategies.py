@@ -10,6 +10,11 @@ Writes ``DIR/strategies.json``::
     {"task": ..., "seeds": [...], "results": {"<method>": {"site_dice": {"<site>": mean},
      "mean_dice": x, "unseen_dice": x, "seconds": x}}}
 
+The personalization arms (``ditto``, ``finetune``, ``fedbn-ditto``, ``fedbn-finetune``: FedAvg or
+FedBN with run config ``personalization``) also report ``personal_site_dice`` (each site's Dice
+of its personal model on its own test cases) and ``personal_mean_dice`` beside ``site_dice``
+(the global model's).
+
 plus ``DIR/strategies.md`` (table, goals) and ``DIR/learning_curves.png``. ``--quick`` uses the
 small demo, 3 rounds and one seed (minutes, not hours).
 """
@@ -26,19 +31,36 @@ import numpy as np
 from bench.demo_study import federated_arm, local_arm, parse_overrides, pooled_arm, prepare
 from fedimaging.io import atomic_path, atomic_write_json, atomic_write_text
 
-ALL = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "scaffold", "fedbn", "fedmedian", "fedtrimmedavg")
+# Personalized arms: a strategy plus run config personalization (the global model is trained as without it).
+PERSONAL = {
+    "ditto": {"strategy": "fedavg", "personalization": "ditto"},
+    "finetune": {"strategy": "fedavg", "personalization": "finetune"},
+    "fedbn-ditto": {"strategy": "fedbn", "personalization": "ditto"},
+    "fedbn-finetune": {"strategy": "fedbn", "personalization": "finetune"},
+}
+ALL = STRATEGIES + tuple(PERSONAL)
 STRATEGY_OVERRIDES = {"fedprox": {"proximal-mu": 0.01}, "scaffold": {"optimizer": "sgd", "lr": 0.01}}
+
+
+def arm_overrides(name: str) -> dict[str, object]:
+    """Run-config overrides of arm ``name`` (a strategy, or a personalization arm)."""
+    return PERSONAL.get(name) or {"strategy": name, **STRATEGY_OVERRIDES.get(name, {})}
 
 
 def _mean_of(runs: list[dict]) -> dict:
     sites = runs[0]["site_dice"].keys()
-    return {
+    out = {
         "site_dice": {s: float(np.mean([r["site_dice"][s] for r in runs])) for s in sites},
         "mean_dice": float(np.mean([r["mean_dice"] for r in runs])),
         "unseen_dice": float(np.mean([r["unseen_dice"] for r in runs])),
         "seconds": float(np.mean([r["seconds"] for r in runs])),
         "per_seed_mean_dice": [r["mean_dice"] for r in runs],
     }
+    if all("personal_site_dice" in r for r in runs):
+        out["personal_site_dice"] = {s: float(np.mean([r["personal_site_dice"][s] for r in runs])) for s in sites}
+        out["personal_mean_dice"] = float(np.mean([r["personal_mean_dice"] for r in runs]))
+    return out
 
 
 def _table(results: dict) -> str:
@@ -48,6 +70,9 @@ def _table(results: dict) -> str:
     for method, r in results.items():
         cells = " | ".join(f"{r['site_dice'][s]:.3f}" for s in sites)
         rows.append(f"| {method} | {cells} | {r['mean_dice']:.3f} | {r['unseen_dice']:.3f} | {r['seconds']:.0f} |")
+        if "personal_site_dice" in r:  # evaluated at its own site only: no unseen column
+            cells = " | ".join(f"{r['personal_site_dice'][s]:.3f}" for s in sites)
+            rows.append(f"| {method}: personal models | {cells} | {r['personal_mean_dice']:.3f} | n/a | |")
     return "\n".join(rows)
 
 
@@ -58,7 +83,13 @@ def _goals(results: dict) -> list[str]:
     ratio = fed[best]["mean_dice"] / results["pooled"]["mean_dice"]
     site_ok = all(fed[best]["site_dice"][s] >= local["site_dice"][s] for s in local["site_dice"])
     unseen_ratio = fed[best]["unseen_dice"] / max(local["unseen_dice"], 1e-9)
+    personal = [
+        f"{m}: every site's personal Dice >= its local-only and its global-model Dice: "
+        + ("met" if all(r["personal_site_dice"][s] >= max(local["site_dice"][s], r["site_dice"][s])
+                        for s in local["site_dice"]) else "not met")
+        for m, r in fed.items() if "personal_site_dice" in r]
     return [
+        *personal,
         f"best federated strategy: {best}",
         f"best / pooled mean Dice = {ratio:.3f} (goal >= 0.97): {'met' if ratio >= 0.97 else 'not met'}",
         f"every site's federated Dice >= its local-only Dice: {'met' if site_ok else 'not met'}",
@@ -112,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         per_method.setdefault("pooled", []).append(pooled_arm(study))
         per_method.setdefault("local", []).append(local_arm(study))
         for name in names:
-            result = federated_arm(study, out / "runs" / f"{name}-seed{seed}", strategy=name,
-                                   **STRATEGY_OVERRIDES.get(name, {}))
+            result = federated_arm(study, out / "runs" / f"{name}-seed{seed}", **arm_overrides(name))
             per_method.setdefault(name, []).append(result)
             curves.setdefault(name, []).append(result["curve"])
             print(json.dumps({"seed": seed, "method": name, "mean_dice": result["mean_dice"]}), file=sys.stderr, flush=True)

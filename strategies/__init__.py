@@ -46,10 +46,13 @@ def build_strategy(
     settings: StrategySettings,
     run_dir: RunDirectory,
     local_param_names: frozenset[str] = frozenset(),
+    frozen_param_names: frozenset[str] = frozenset(),
 ) -> FedImagingStrategy:
-    """The strategy named by ``settings.strategy``; ``local_param_names`` only matter for FedBN."""
+    """The strategy named by ``settings.strategy``; ``local_param_names`` only matter for FedBN,
+    ``frozen_param_names`` (run config ``freeze``) are sent to the sites but never come back."""
     cls = STRATEGIES[settings.strategy]
-    strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.strategy == "fedbn" else frozenset())
+    strategy = cls(settings, run_dir, frozenset(local_param_names) if settings.strategy == "fedbn" else frozenset(),
+                   frozen_param_names=frozenset(frozen_param_names))
     if settings.central_dp != "off":
         central_dp.wrap(strategy)  # Flower's DP wrapper drives the rounds
     if settings.secure_aggregation == "he":

@@ -52,6 +52,7 @@ class FedImagingFedAvg(FedAvg):
         settings: StrategySettings,
         run_dir: RunDirectory,
         local_param_names: frozenset[str] = frozenset(),
+        frozen_param_names: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(
             fraction_train=settings.fraction_train,
@@ -64,6 +65,8 @@ class FedImagingFedAvg(FedAvg):
         self.settings = settings
         self.run_dir = run_dir
         self.local_param_names = frozenset(local_param_names)
+        # Run config freeze: sent to the sites, never expected back; the global model keeps its own.
+        self.frozen_param_names = frozenset(frozen_param_names)
         self.sampler = SiteSampler(settings.seed)
         self.screener = ReplyScreener()
         self.extensions: list[StrategyExtension] = []
@@ -129,7 +132,8 @@ class FedImagingFedAvg(FedAvg):
     # ------------------------------------------------------------------------------------
     @property
     def sent_arrays(self) -> Arrays:
-        """The shared arrays sent for training this round (what replies are checked against)."""
+        """The shared arrays of this round that replies carry back and are checked against
+        (all that is sent for training but the frozen ones)."""
         return self._sent
 
     @property
@@ -158,6 +162,8 @@ class FedImagingFedAvg(FedAvg):
         log(INFO, "\t│\t├── seed %d | run dir %s", self.settings.seed, self.run_dir.root)
         if self.local_param_names:
             log(INFO, "\t│\t├── site-local parameters: %d", len(self.local_param_names))
+        if self.frozen_param_names:
+            log(INFO, "\t│\t├── frozen parameters (sent, never returned): %d", len(self.frozen_param_names))
         super().summary()
 
     def configure_train(
@@ -166,7 +172,8 @@ class FedImagingFedAvg(FedAvg):
         rnd = self.absolute_round(server_round)
         self._phase_start["train"] = time.monotonic()
         self.global_arrays = to_numpy(arrays)
-        self._sent = {k: self.global_arrays[k] for k in self.shared_keys(self.global_arrays)}
+        shared = {k: self.global_arrays[k] for k in self.shared_keys(self.global_arrays)}
+        self._sent = {k: v for k, v in shared.items() if k not in self.frozen_param_names}
         node_ids, self.train_population = self.sampler.sample(
             grid, self.fraction_train, self.min_train_nodes, self.min_available_nodes,
             self.screener.node_sites, self.screener.excluded_from_sampling)
@@ -178,7 +185,7 @@ class FedImagingFedAvg(FedAvg):
         cfg["lr"] = self.settings.round_lr(rnd)
         cfg["server-round"] = rnd
         cfg = self.round_train_config(rnd, cfg)
-        record = self.train_content(rnd, to_record(self._sent), cfg)
+        record = self.train_content(rnd, to_record(shared), cfg)
         self.screener.awaiting["train"] = list(node_ids)
         log(INFO, "configure_train: round %d, %d site(s) sampled", rnd, len(node_ids))
         return self._construct_messages(record, node_ids, MessageType.TRAIN)

@@ -103,11 +103,13 @@ def run_cross_site(strategy: FedImagingFedAvg, grid: Grid, *, final: bool, serve
         log(INFO, "cross-site: training %d local-only baseline(s)", len(msgs))
         for reply in sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda m: int(m.metadata.src_node_id)):
             site = strategy.site_of(reply)
-            reason = _local_model_problem(reply, initial)
+            # frozen parameters (run config freeze) never come back: they are the initial ones
+            returned = {k: v for k, v in initial.items() if k not in strategy.frozen_param_names}
+            reason = _local_model_problem(reply, returned)
             if reason:
                 excluded[f"local:{site}"] = reason
                 continue
-            models[f"local:{site}"] = to_numpy(reply.content.array_records["arrays"])
+            models[f"local:{site}"] = {**initial, **to_numpy(reply.content.array_records["arrays"])}
 
     # every model at every site
     scores: dict[tuple[str, str], float | None] = {}

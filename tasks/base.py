@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from data_prep.site_dataset import SiteDataset
+from tasks.freeze import apply_freeze, frozen_names
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TaskSettings:
     dp_compatible: bool = False  # model built without BatchNorm (Opacus)
     in_channels: int = 1  # image channels (dataset.json channel_names); every site must agree
     seed: int = 42
+    freeze: tuple[str, ...] = ()  # run config ``freeze``: name patterns kept fixed (tasks.freeze)
 
 
 @dataclass
@@ -81,6 +83,18 @@ class Task(ABC):
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A freshly initialised model, identical at every site and at the server (seeded)."""
+
+    def encoder_names(self, model: nn.Module) -> frozenset[str]:
+        """State-dict names of the model's feature extractor (``freeze=encoder``)."""
+        raise NotImplementedError(f"task {self.name!r} defines no encoder")
+
+    def frozen_names(self, model: nn.Module) -> frozenset[str]:
+        """State-dict names run config ``freeze`` keeps fixed (empty without it; see tasks.freeze)."""
+        return frozen_names(model, self.settings.freeze, self.encoder_names)
+
+    def _frozen(self, model: nn.Module) -> nn.Module:
+        """``model`` with the ``freeze`` parameters fixed: what every ``build_model`` returns."""
+        return apply_freeze(model, self.frozen_names(model))
 
     def local_param_names(self, model: nn.Module) -> frozenset[str]:
         """State-dict names that stay at the site under FedBN: normalisation layers."""

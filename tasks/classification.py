@@ -142,7 +142,12 @@ class ClassificationTask(Task):
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 
             model = make_dp_compatible(model)
-        return model
+        return self._frozen(model)
+
+    def encoder_names(self, model: nn.Module) -> frozenset[str]:
+        """Everything but the final linear layer (DenseNet121's ``class_layers.out``, a ResNet's ``fc``)."""
+        head = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)][-1]
+        return frozenset(n for n in model.state_dict() if not n.startswith(head + "."))
 
     def inference_transform(self, modality) -> Compose:
         """Deterministic chain for one image: RAS, task spacing, intensity, pad/crop to size.

@@ -16,6 +16,7 @@ from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import (
@@ -59,7 +60,17 @@ class SegmentationTask(Task):
             num_res_units=s.num_res_units,
             norm=("instance", {"affine": True}),
         )
-        return model
+        return self._frozen(model)
+
+    def encoder_names(self, model: nn.Module) -> frozenset[str]:
+        """The UNet's down path and bottom block: MONAI nests ``Sequential(down, SkipConnection(inner), up)``
+        per level, so the encoder is every level's ``down`` plus the innermost block."""
+        prefixes, path, level = [], "model", model.model
+        while isinstance(level, nn.Sequential) and len(level) == 3 and isinstance(level[1], SkipConnection):
+            prefixes.append(f"{path}.0")
+            path, level = f"{path}.1.submodule", level[1].submodule
+        prefixes.append(path)
+        return frozenset(n for n in model.state_dict() if any(n.startswith(p + ".") for p in prefixes))
 
     def prepare_site(self, dataset: SiteDataset) -> SiteData:
         if dataset.kind != "segmentation":

@@ -1,0 +1,55 @@
+"""bench.strategies --quick with personalization arms: personal_site_dice beside site_dice (tiny demo)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench import strategies
+
+pytestmark = pytest.mark.slow  # a federated arm, pooled and local-only, on the small demo
+
+TINY = ("num-server-rounds=1 spacing=6,6,6 roi-size=16,16,16 channels=4,8,16 crops-per-case=1 batch-size=2 "
+        "demo-sites=2 torch-threads=1")
+
+
+def test_quick_run_reports_each_sites_personal_and_global_dice(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert strategies.main(["--quick", "--out", str(tmp_path), "--strategies", "fedbn-ditto",
+                                "--run-config", TINY]) == 0
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads((tmp_path / "strategies.json").read_text())
+    results = report["results"]
+    assert report["quick"] and list(results) == ["pooled", "local", "fedbn-ditto"]
+    assert "personal_site_dice" not in results["pooled"] and "personal_site_dice" not in results["local"]
+    for arm, strategy, personalization in (("fedbn-ditto", "fedbn", "ditto"),):
+        r = results[arm]
+        assert set(r["personal_site_dice"]) == set(r["site_dice"]) == {"site-a", "site-b"}
+        run_dir = tmp_path / "runs" / f"{arm}-seed42"
+        config = json.loads((run_dir / "run_config.json").read_text())
+        assert (config["strategy"], config["personalization"]) == (strategy, personalization)
+        # the numbers are the last evaluate phase's, as the sites reported them
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last = [x for x in lines if x["phase"] == "evaluate"][-1]["sites"]
+        for site in r["site_dice"]:
+            assert r["site_dice"][site] == pytest.approx(last[site]["dice"])
+            assert r["personal_site_dice"][site] == pytest.approx(last[site]["personal-dice"])
+            assert 0.0 <= r["personal_site_dice"][site] <= 1.0
+        weights = [last[s]["num-examples"] for s in sorted(last)]
+        expected = np.average([last[s]["personal-dice"] for s in sorted(last)], weights=weights)
+        assert r["personal_mean_dice"] == pytest.approx(expected)
+    table = (tmp_path / "strategies.md").read_text()
+    assert "| fedbn-ditto: personal models |" in table and "fedbn-ditto: every site's personal Dice" in table
+    capsys.readouterr()
+
+
+def test_unknown_arms_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        strategies.main(["--quick", "--out", str(tmp_path), "--strategies", "ditto,fedbn+ditto"])
+    assert strategies.arm_overrides("finetune") == {"strategy": "fedavg", "personalization": "finetune"}
+    assert strategies.arm_overrides("scaffold")["strategy"] == "scaffold"
