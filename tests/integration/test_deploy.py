@@ -67,7 +67,7 @@ def _finish(fed: LoopbackFederation, run, timeout: float) -> str:
 
 def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_excluded(
         make_federation, datasets, tmp_path: Path) -> None:
-    """Three good sites and one whose dataset.json is broken, two rounds with per-round evaluation.
+    """Three good sites and one whose dataset.json is broken, two rounds, the deployed fast path.
 
     One federation for what used to be two tests (each federation costs minutes on 2 cores). A
     site killed mid-round is covered by tests/integration/test_deploy_restart.py."""
@@ -91,20 +91,24 @@ def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_exclude
     bad = fed.start_site("site-d", skip_preflight=True)
     fed.wait_for_log(bad, "SuperNode ID", 120)
     run_dir = tmp_path / "run"
-    run = fed.run_study({"num-server-rounds": 2, "run-dir": str(run_dir), "min-available-sites": 4, **TINY})
+    # the deployed fast path: received-model metrics in every train reply, evaluate messages after
+    # the last round only (each message costs every site a new process)
+    run = fed.run_study({"num-server-rounds": 2, "run-dir": str(run_dir), "min-available-sites": 4,
+                         "evaluate-every": 0, "evaluate-received": True, **TINY})
     log = _finish(fed, run, 900)
     assert f"Run directory: {run_dir}" in log
 
     lines = _metrics(run_dir)
     train = [r for r in lines if r["phase"] == "train"]
     evaluate = [r for r in lines if r["phase"] == "evaluate"]
-    assert [r["round"] for r in train] == [1, 2] and [r["round"] for r in evaluate] == [1, 2]
+    assert [r["round"] for r in train] == [1, 2] and [r["round"] for r in evaluate] == [2]
     for r in train:
         trained = {site for site, m in r["sites"].items() if m.get("num-examples")}
         assert trained == set(SITES), r
         for site in SITES:
             expected = len(json.loads((datasets[site] / "dataset.json").read_text())["training"])
             assert r["sites"][site]["num-examples"] == expected
+            assert 0.0 <= r["sites"][site]["received-dice"] <= 1.0
         assert len(r["excluded"]) == 1  # site-d
         assert "site-failure dataset-invalid" in json.dumps(r["excluded"])  # a reason code, no path
     for r in evaluate:

@@ -148,7 +148,7 @@ def test_superlink_restart_with_resume_gives_the_uninterrupted_model(federations
     preprocessing and the server state is saved losslessly. (GPU kernels that are not deterministic
     would break this; then a tolerance would be the honest test.)"""
     sites = {s: datasets[s] for s in ("site-a", "site-b")}
-    config = {**TINY, "num-server-rounds": 3, "min-available-sites": 2}
+    config = {**TINY, "num-server-rounds": 2, "min-available-sites": 2}
     # Uninterrupted reference: the same ClientApp and ServerApp code, in process, same seed and data.
     ref_home = tmp_path / "reference"
     raw = {**config, "home": str(ref_home), "run-dir": str(ref_home / "run")}
@@ -165,7 +165,7 @@ def test_superlink_restart_with_resume_gives_the_uninterrupted_model(federations
                    "round 1 to be saved")
     fed.stop(link, sig_kill=True)
     fed.stop(run)
-    assert 1 <= max(r["round"] for r in _metrics(run_dir)) < 3
+    assert max(r["round"] for r in _metrics(run_dir)) == 1  # killed between rounds 1 and 2
     fed.start_superlink(name="superlink-restarted")
     resumed = fed.run_study({**config, "resume-from": str(run_dir)}, name="flwr-run-resume")
     assert resumed.wait(1200) == 0, fed.logs_tail()
