@@ -43,6 +43,7 @@ from app.site_runtime import (
 )
 from app.site_personal import personal_metrics, train_personal
 from app.site_state import SiteStateStore
+from fedimaging.quiet import silence_library_notices
 from tasks import LocalTrainingOptions
 
 timings.imports_done()
@@ -61,6 +62,7 @@ def _site_console() -> None:
 
 
 _site_console()
+silence_library_notices()  # the Flower simulation loads this module before it starts Ray
 
 def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """Any failure: the full traceback in the site's log, only a reason code in the reply."""
@@ -194,21 +196,16 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query("he_public")
-@_reported_as_code
-def he_public(msg: Message, context: Context) -> Message:
-    """secure-aggregation=he: the study's public CKKS context (never the secret key)."""
-    rt = runtime(context)
-    reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
-    reply["site"] = site_record(rt)
-    return Message(content=reply, reply_to=msg)
-
-
 @app.query("he_decrypt")
 @_reported_as_code
-def he_decrypt(msg: Message, context: Context) -> Message:
-    """secure-aggregation=he: decrypt the coordinator's ciphertext sum of a round this site trained in."""
+def he_query(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: ``he_public``, the study's public CKKS context (never the secret key);
+    ``he_decrypt``, the decryption of the coordinator's ciphertext sum of a round this site trained in."""
     rt = runtime(context)
-    reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
+    if msg.metadata.message_type.rpartition(".")[2] == "he_public":
+        reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
+    else:
+        reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
     reply["site"] = site_record(rt)
     return Message(content=reply, reply_to=msg)
 
