@@ -1,4 +1,5 @@
-"""What the ``prep`` and ``import`` command lines share: INPUT OUTPUT_DIR, ``--workers``, parsing.
+"""What the ``prep`` and ``import`` command lines share: INPUT OUTPUT_DIR, ``--workers``, parsing,
+usage errors and the closing summary.
 
 Both write a site dataset from a folder they only read, and both answer a usage error with exit
 code 2 and a line naming the command.
@@ -33,6 +34,19 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     except SystemExit as exc:  # argparse prints its own message
         return EXIT_USAGE if exc.code not in (0, None) else 0
     if args.workers < 1:
-        print(f"{parser.prog}: --workers must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(parser.prog, "--workers must be at least 1")
     return args
+
+
+def usage_error(prog: str, problem: object) -> int:
+    """Say what is wrong on stderr, naming the command; the usage exit code (2)."""
+    print(f"{prog}: {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def summary(result, quiet: bool) -> int:
+    """The summary table and where the dataset is (unless ``quiet``); the command's exit code."""
+    if not quiet:
+        print(result.table)
+        print(f"site dataset written to {result.output_dir}")
+    return result.exit_code

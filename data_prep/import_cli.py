@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.cli_options import add_workers, dataset_parser, parse
+from data_prep.cli_options import add_workers, dataset_parser, parse, summary, usage_error
 from data_prep.nifti_import import import_dataset
 from data_prep.nifti_sources import FORMATS
-from data_prep.prep import EXIT_USAGE, UsageError
+from data_prep.prep import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                 modality=args.modality, test_fraction=args.test_fraction, seed=args.seed,
                                 workers=args.workers, force=args.force)
     except UsageError as exc:
-        print(f"fedimaging import: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.quiet:
-        print(result.table)
-        print(f"site dataset written to {result.output_dir}")
-    return result.exit_code
+        return usage_error("fedimaging import", exc)
+    return summary(result, args.quiet)
 
 
 if __name__ == "__main__":

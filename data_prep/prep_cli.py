@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.cli_options import add_workers, dataset_parser, parse
-from data_prep.prep import EXIT_USAGE, UsageError, prepare_site
+from data_prep.cli_options import add_workers, dataset_parser, parse, summary, usage_error
+from data_prep.prep import UsageError, prepare_site
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(label_names, dict) or not all(isinstance(v, int) for v in label_names.values()):
                 raise ValueError("expected an object of name: integer")
         except (OSError, ValueError) as exc:
-            print(f"fedimaging prep: --label-names {args.label_names}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return usage_error("fedimaging prep", f"--label-names {args.label_names}: {exc}")
     try:
         result = prepare_site(
             args.input_dir, args.output_dir, labels=args.labels, workers=args.workers,
@@ -69,15 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet and sys.stderr.isatty(),
         )
     except UsageError as exc:
-        print(f"fedimaging prep: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("fedimaging prep", exc)
     if result.nothing_converted:
         print(result.table, file=sys.stderr)
         return result.exit_code
-    if not args.quiet:
-        print(result.table)
-        print(f"site dataset written to {result.output_dir}")
-    return result.exit_code
+    return summary(result, args.quiet)
 
 
 if __name__ == "__main__":
