@@ -85,15 +85,21 @@ def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callabl
     return guarded
 
 
+def _begin(msg: Message, context: Context, kind: str):
+    """The message's config and round, its timing, and the site's runtime (timed as setup)."""
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    timing = timings.MessageTiming(kind, server_round)
+    with timing.section("setup"):
+        rt = runtime(context)
+    return config, server_round, timing, rt
+
+
 @app.train(mods=[site_clipping_mod])
 @_reported_as_code
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    timing = timings.MessageTiming("train", server_round)
-    with timing.section("setup"):
-        rt = runtime(context)
+    config, server_round, timing, rt = _begin(msg, context, "train")
     run_key = str(config.get("run-key", f"run-{context.run_id}"))
     store = SiteStateStore(rt.site.state_dir, run_key)
     baseline = bool(config.get("local-baseline", False))
@@ -226,11 +232,7 @@ def query(msg: Message, context: Context) -> Message:
 @_reported_as_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    timing = timings.MessageTiming("evaluate", server_round)
-    with timing.section("setup"):
-        rt = runtime(context)
+    config, server_round, timing, rt = _begin(msg, context, "evaluate")
     which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
     with timing.section("data"):
         dataset = load_dataset(rt, which)
