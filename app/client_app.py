@@ -44,6 +44,7 @@ from app.site_runtime import (
 )
 from app.site_personal import personal_metrics, train_personal
 from app.site_state import SiteStateStore
+from fedimaging.quiet import silence_library_notices
 from tasks import LocalTrainingOptions
 
 timings.imports_done()
@@ -62,6 +63,7 @@ def _site_console() -> None:
 
 
 _site_console()
+silence_library_notices()  # the Flower simulation loads this module before it starts Ray
 
 def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """Any failure: the full traceback in the site's log, only a reason code in the reply."""
@@ -84,15 +86,21 @@ def _reported_as_code(handler: Callable[[Message, Context], Message]) -> Callabl
     return guarded
 
 
+def _begin(msg: Message, context: Context, kind: str):
+    """The message's config and round, its timing, and the site's runtime (timed as setup)."""
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    timing = timings.MessageTiming(kind, server_round)
+    with timing.section("setup"):
+        rt = runtime(context)
+    return config, server_round, timing, rt
+
+
 @app.train(mods=[site_clipping_mod])
 @_reported_as_code
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on the site's own cases."""
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    timing = timings.MessageTiming("train", server_round)
-    with timing.section("setup"):
-        rt = runtime(context)
+    config, server_round, timing, rt = _begin(msg, context, "train")
     run_key = str(config.get("run-key", f"run-{context.run_id}"))
     store = SiteStateStore(rt.site.state_dir, run_key)
     baseline = bool(config.get("local-baseline", False))
@@ -197,21 +205,16 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query("he_public")
-@_reported_as_code
-def he_public(msg: Message, context: Context) -> Message:
-    """secure-aggregation=he: the study's public CKKS context (never the secret key)."""
-    rt = runtime(context)
-    reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
-    reply["site"] = site_record(rt)
-    return Message(content=reply, reply_to=msg)
-
-
 @app.query("he_decrypt")
 @_reported_as_code
-def he_decrypt(msg: Message, context: Context) -> Message:
-    """secure-aggregation=he: decrypt the coordinator's ciphertext sum of a round this site trained in."""
+def he_query(msg: Message, context: Context) -> Message:
+    """secure-aggregation=he: ``he_public``, the study's public CKKS context (never the secret key);
+    ``he_decrypt``, the decryption of the coordinator's ciphertext sum of a round this site trained in."""
     rt = runtime(context)
-    reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
+    if msg.metadata.message_type.rpartition(".")[2] == "he_public":
+        reply = site_he.public_reply(rt.run, rt.site, msg.content["config"], f"run-{context.run_id}")
+    else:
+        reply = site_he.decrypt_reply(rt.run, rt.site, msg.content["he"], f"run-{context.run_id}")
     reply["site"] = site_record(rt)
     return Message(content=reply, reply_to=msg)
 
@@ -232,11 +235,7 @@ def query(msg: Message, context: Context) -> Message:
 @_reported_as_code
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the received model on the site's test cases (or the demo's unseen site)."""
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    timing = timings.MessageTiming("evaluate", server_round)
-    with timing.section("setup"):
-        rt = runtime(context)
+    config, server_round, timing, rt = _begin(msg, context, "evaluate")
     which = "unseen" if str(config.get("eval-dataset", "")) == "unseen" else "own"
     with timing.section("data"):
         dataset = load_dataset(rt, which)

@@ -26,7 +26,8 @@ import nibabel
 import numpy as np
 import torch
 
-from app.predict import CT_AIR_THRESHOLD, LoadedModel, PredictError, load_model
+from app.predict_input import CT_AIR_THRESHOLD
+from app.predict_model import LoadedModel, PredictError, load_model
 from fedimaging.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
 from tasks.transforms import RAS_LABELS
 

@@ -173,7 +173,7 @@ def centralised_arm(bench: Bench, arm: str, sites: list[str], seed: int) -> dict
 def federated_arm(bench: Bench, arm: str, **overrides: Any) -> dict[str, Any]:
     """A federated study: our ServerApp logic and the real ClientApp, one in-process node per site."""
     from app.client_app import app as client_app
-    from app.predict import load_model
+    from app.predict_model import load_model
     from app.server_app import run_study
     from bench.local_grid import LocalGrid
 

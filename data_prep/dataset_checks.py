@@ -10,7 +10,6 @@ for a truncated gzip) into one error type whose message names the file or the va
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 from pathlib import Path
@@ -38,23 +37,6 @@ def shown(value: Any, limit: int = 300) -> str:
     except (RecursionError, ValueError):  # deeply nested, or an int too long to print
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 12] + f"...({len(text)} chars)"
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; deep nesting, huge integers and bad bytes are a DatasetError.
-
-    NaN/Infinity literals parse (as Python does) and fail where they are used, naming the entry.
-    """
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:
-        raise DatasetError(f"{path} is nested too deeply to be a dataset.json") from None
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
-    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
-        raise DatasetError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
-    except OSError as exc:
-        raise DatasetError(f"{path} cannot be read: {exc.strerror or exc}") from None
 
 
 def check_relative_path(rel: Any, where: str) -> str:

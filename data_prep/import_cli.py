@@ -7,22 +7,21 @@ Exit codes as ``prep``: 0 every case imported, 3 some cases rejected (the others
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from data_prep.cli_options import add_workers, dataset_parser, parse, summary, usage_error
 from data_prep.nifti_import import import_dataset
 from data_prep.nifti_sources import FORMATS
-from data_prep.prep import EXIT_USAGE, UsageError
+from data_prep.prep import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedimaging import",
-        description="Import a NIfTI data set (Medical Segmentation Decathlon, nnU-Net v2 raw, or plain "
-                    "folders) into a de-identified site dataset, in the format 'fedimaging prep' writes.",
+    parser = dataset_parser(
+        "fedimaging import",
+        "Import a NIfTI data set (Medical Segmentation Decathlon, nnU-Net v2 raw, or plain "
+        "folders) into a de-identified site dataset, in the format 'fedimaging prep' writes.",
+        "input", "data set folder (read only)",
     )
-    parser.add_argument("input", metavar="INPUT", help="data set folder (read only)")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="site dataset folder to create or update")
     parser.add_argument("--format", choices=FORMATS, default="auto",
                         help="auto (default): nnU-Net v2 if dataset.json has channel_names, MSD if it has "
                              "modality, plain folders if there is no dataset.json")
@@ -33,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.0,
                         help="hold out this seeded fraction of the labelled cases as test cases (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test hold-out (default 0)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker processes (default: min(4, CPUs))")
+    add_workers(parser)
     parser.add_argument("--force", action="store_true",
                         help="re-import every case, and allow a non-empty OUTPUT_DIR")
     parser.add_argument("--quiet", action="store_true", help="no summary")
@@ -42,25 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_USAGE if exc.code not in (0, None) else 0
-    if args.workers < 1:
-        print("fedimaging import: --workers must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         result = import_dataset(args.input, args.output_dir, fmt=args.format, labels=args.labels,
                                 modality=args.modality, test_fraction=args.test_fraction, seed=args.seed,
                                 workers=args.workers, force=args.force)
     except UsageError as exc:
-        print(f"fedimaging import: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not args.quiet:
-        print(result.table)
-        print(f"site dataset written to {result.output_dir}")
-    return result.exit_code
+        return usage_error("fedimaging import", exc)
+    return summary(result, args.quiet)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ a label whose grid still differs from the image is rejected with the reason.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from data_prep.site_dataset import AFFINE_TOLERANCE_MM
+from fedimaging.io import read_json_object
 
 UID_RE = re.compile(r"\d+(?:\.\d+){3,}")
 LABEL_SUFFIXES = (".nii.gz", ".nii")
@@ -59,12 +59,7 @@ def _read_mapping(labels_dir: Path) -> dict[str, tuple[str, str]]:
     mapping: dict[str, tuple[str, str]] = {}
     js = labels_dir / "mapping.json"
     if js.is_file():
-        try:
-            data = json.loads(js.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{js} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{js}: expected an object {{label file: SeriesInstanceUID}}")
+        data = read_json_object(js, ValueError, "an object {label file: SeriesInstanceUID}")
         mapping.update({str(k): _entry(f"{js} entry {k!r}", v) for k, v in data.items()})
     cs = labels_dir / "mapping.csv"
     if cs.is_file():

@@ -16,11 +16,12 @@ Every path named by a ``dataset.json`` must stay inside INPUT.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedimaging.io import read_json_object
 
 FORMATS = ("auto", "msd", "nnunet", "folders")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -66,23 +67,13 @@ def detect_format(input_path: Path) -> str:
     manifest = input_path / "dataset.json"
     if not manifest.is_file():
         return "folders"
-    meta = _read_json(manifest)
+    meta = read_json_object(manifest, SourceError)
     if "channel_names" in meta:
         return "nnunet"
     if "modality" in meta:
         return "msd"
     raise SourceError(f"{manifest}: neither 'channel_names' (nnU-Net v2) nor 'modality' (MSD); "
                       "pass --format")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise SourceError(f"{path}: expected a JSON object")
-    return meta
 
 
 def _inside(root: Path, rel, where: str) -> Path:
@@ -108,7 +99,7 @@ def _ordered_names(mapping, where: str) -> list[str]:
 
 def read_msd(root: Path) -> Source:
     manifest = root / "dataset.json"
-    meta = _read_json(manifest)
+    meta = read_json_object(manifest, SourceError)
     channels = _ordered_names(meta.get("modality"), f"{manifest} 'modality'")
     raw_labels = meta.get("labels")
     if not isinstance(raw_labels, dict) or not raw_labels:
@@ -152,7 +143,7 @@ def _channel_cases(folder: Path, ending: str | None, n_channels: int | None) -> 
 
 def read_nnunet(root: Path) -> Source:
     manifest = root / "dataset.json"
-    meta = _read_json(manifest)
+    meta = read_json_object(manifest, SourceError)
     channels = _ordered_names(meta.get("channel_names"), f"{manifest} 'channel_names'")
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in NIFTI_ENDINGS:

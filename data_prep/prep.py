@@ -27,15 +27,15 @@ import numpy as np
 
 from data_prep import deid, prep_folders
 from data_prep.fingerprint import build_fingerprint, case_stats
-from data_prep.geometry import GeometryError, GeometryOptions, plan_volume
+from data_prep.convert import find_series, read_series
+from data_prep.geometry import GeometryError, GeometryOptions
 from data_prep.labels import LabelError, conform_label, held_out_series, match_labels
 from data_prep.limits import LimitExceeded
 from data_prep.nifti_writer import write_nifti
-from data_prep.pixels import PixelError, read_volume
+from data_prep.pixels import PixelError
 from data_prep.prep_folders import MAPPING_FILE, STATE_FILE, UsageError
 from data_prep.report import build_report, summary_table
-from data_prep.scan import scan_tree
-from data_prep.series import SeriesGroup, group_series
+from data_prep.series import SeriesGroup
 from data_prep.site_dataset import FILE_ENDING, write_dataset_json
 from fedimaging.io import atomic_write_json
 
@@ -104,9 +104,7 @@ def convert_job(job: dict) -> dict:
     out = Path(job["output_dir"])
     result: dict = {"key": job["key"], "status": "rejected", "cases": [], "warnings": []}
     try:
-        plan = plan_volume(job["frames"], GeometryOptions(**job["geometry"]))
-        result["warnings"] = list(plan.warnings)
-        data = read_volume(plan)
+        plan, data = read_series(job["frames"], GeometryOptions(**job["geometry"]), result["warnings"])
     except (GeometryError, LimitExceeded) as exc:
         result.update(reason=exc.reason, detail=exc.detail)
         return result
@@ -246,8 +244,7 @@ def prepare_site(input_dir, output_dir, labels=None, workers: int = 1, force: bo
     try:
         files_total = sum(len(f) for _, _, f in os.walk(input_dir))
         with _progress(files_total, "scan", progress) as bar:
-            scan = scan_tree(input_dir, executor=executor, progress=bar)
-        groups = group_series(scan.frames)
+            scan, groups = find_series(input_dir, executor=executor, progress=bar)
         links = prep_folders.skipped_links(input_dir)
         if not groups:  # an empty, unmounted or junk-only input: nothing is written or removed
             raise UsageError(_no_series_message(input_dir, scan, links, files_total))

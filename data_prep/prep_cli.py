@@ -9,29 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from data_prep.prep import EXIT_USAGE, UsageError, prepare_site
+from data_prep.cli_options import add_workers, dataset_parser, parse, summary, usage_error
+from data_prep.prep import UsageError, prepare_site
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedimaging prep",
-        description="Convert a hospital DICOM tree into a de-identified site dataset "
-                    "(NIfTI + dataset.json + fingerprint.json + prep_report.json).",
+    parser = dataset_parser(
+        "fedimaging prep",
+        "Convert a hospital DICOM tree into a de-identified site dataset "
+        "(NIfTI + dataset.json + fingerprint.json + prep_report.json).",
+        "input_dir", "DICOM folder (read only, searched recursively)",
     )
-    parser.add_argument("input_dir", metavar="INPUT_DIR", help="DICOM folder (read only, searched recursively)")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="site dataset folder to create or update")
     parser.add_argument("--labels", metavar="DIR",
                         help="NIfTI label maps; matched by mapping.json/mapping.csv or the "
                              "SeriesInstanceUID in the file name (a mapping entry with "
                              "\"split\": \"test\" keeps a labelled case for testing only)")
     parser.add_argument("--label-names", metavar="JSON",
                         help='file with label names, e.g. {"liver": 1, "tumour": 2}')
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker processes (default: min(4, CPUs))")
+    add_workers(parser)
     parser.add_argument("--force", action="store_true",
                         help="reconvert every series (OUTPUT_DIR must still be new, empty or "
                              "a prep output: prep never writes into a folder it did not create)")
@@ -51,14 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse prints its own message
-        return EXIT_USAGE if exc.code not in (0, None) else 0
-    if args.workers < 1:
-        print("fedimaging prep: --workers must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     label_names = None
     if args.label_names:
         try:
@@ -66,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(label_names, dict) or not all(isinstance(v, int) for v in label_names.values()):
                 raise ValueError("expected an object of name: integer")
         except (OSError, ValueError) as exc:
-            print(f"fedimaging prep: --label-names {args.label_names}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return usage_error("fedimaging prep", f"--label-names {args.label_names}: {exc}")
     try:
         result = prepare_site(
             args.input_dir, args.output_dir, labels=args.labels, workers=args.workers,
@@ -76,15 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet and sys.stderr.isatty(),
         )
     except UsageError as exc:
-        print(f"fedimaging prep: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("fedimaging prep", exc)
     if result.nothing_converted:
         print(result.table, file=sys.stderr)
         return result.exit_code
-    if not args.quiet:
-        print(result.table)
-        print(f"site dataset written to {result.output_dir}")
-    return result.exit_code
+    return summary(result, args.quiet)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,16 @@ engineer must be able to fix the dataset without reading a traceback.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from data_prep import dataset_checks as checks
 from data_prep.dataset_checks import DatasetError
-from fedimaging.io import atomic_write_json
+from fedimaging.io import atomic_write_json, read_json_object
 
 DATASET_JSON = "dataset.json"
 FILE_ENDING = ".nii.gz"
@@ -179,9 +177,7 @@ def load_site_dataset(
     manifest = root / DATASET_JSON
     if not manifest.is_file():
         raise DatasetError(f"{manifest} is missing: not a site dataset (run 'fedimaging prep')")
-    meta = checks.read_json(manifest)
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{manifest}: expected a JSON object")
+    meta = read_json_object(manifest, DatasetError)
     for key in ("name", "channel_names", "labels", "training"):
         if key not in meta:
             raise DatasetError(f"{manifest}: required key '{key}' is missing")

@@ -115,22 +115,27 @@ class Proc:
             return None
 
 
-def stop_tree(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after ``grace`` s."""
-    pids = process_tree(pid)
+def _signal(pids: list[int], sig: int) -> None:
     for p in pids:
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def stop_processes(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM ``pids``, then SIGKILL whatever is left after ``grace`` s."""
+    _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_exists(p) for p in pids):
         time.sleep(0.1)
-    for p in process_tree(pid) + pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal(pids, signal.SIGKILL)
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after ``grace`` s."""
+    stop_processes(process_tree(pid), grace)
+    _signal(process_tree(pid), signal.SIGKILL)  # children started while the others stopped
 
 
 def _exists(pid: int) -> bool:

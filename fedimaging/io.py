@@ -97,22 +97,29 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike, error: type[Exception] = ValueError,
+                     expected: str = "a JSON object") -> dict[str, Any]:
     """The JSON object in ``path``; anything else raises ``error`` with a message naming the file.
 
-    Missing, unreadable, not UTF-8, not JSON, nested too deeply to parse, or not an object.
+    Missing, unreadable, not UTF-8, not JSON (or an integer too long to parse), nested too deeply
+    to parse, or not an object (``expected`` says what it should be). NaN/Infinity literals parse
+    (as Python does) and fail where they are used, naming the entry.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise error(f"{path} cannot be read: {exc.strerror or exc}") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise error(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise error(f"{path} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
-        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}")
+        raise error(f"{path}: expected {expected}, found {type(obj).__name__}")
     return obj

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from app.client_app import app as client_app
-from app.predict import load_model
+from app.predict_model import load_model
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from fedimaging.weights import load_tensors

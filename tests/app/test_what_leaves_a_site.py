@@ -71,6 +71,19 @@ def _strings(value):
             yield from _strings(item)
 
 
+def _reply_texts(replies, metric_names: bool = False) -> list[str]:
+    """Every string in the replies' config records (and, with ``metric_names``, every metric name)."""
+    texts = []
+    for reply in replies:
+        for record in reply.content.values():
+            if isinstance(record, ConfigRecord):
+                for value in record.values():
+                    texts.extend(_strings(value))
+            elif metric_names and isinstance(record, MetricRecord):
+                texts.extend(str(k) for k in record.keys())
+    return texts
+
+
 def test_replies_hold_only_model_arrays_numbers_and_site_names(captured):
     replies, home, model_shapes = captured
     assert len(replies) >= 3 * 4  # train, evaluate, local baselines, cross-site (+ unseen)
@@ -140,12 +153,7 @@ def test_sites_describe_their_channels_before_round_one_and_nothing_else(capture
 
 def test_no_path_case_name_or_text_in_any_reply(captured):
     replies, home, _ = captured
-    texts = []
-    for reply in replies:
-        for record in reply.content.values():
-            if isinstance(record, ConfigRecord):
-                for value in record.values():
-                    texts.extend(_strings(value))
+    texts = _reply_texts(replies)
     forbidden = [str(home), "/", "nii", "imagesTr", "labelsTr", "case-", "dataset.json", "DEMO"]
     # the sites' real case pseudonyms and the DICOM SeriesInstanceUIDs their data came from
     for dataset in home.rglob("dataset.json"):
@@ -185,14 +193,7 @@ def test_preprocessed_cache_stays_in_state_dir_never_in_a_dataset_folder_or_repl
     for memo in home.glob("site-state/*/cache/preprocessed/file-hashes.json"):
         for stamp in json.loads(memo.read_text()).values():
             secrets.add(stamp[-1])  # content hashes of the sites' images
-    texts = []
-    for reply in replies:
-        for record in reply.content.values():
-            if isinstance(record, ConfigRecord):
-                for value in record.values():
-                    texts.extend(_strings(value))
-            elif isinstance(record, MetricRecord):
-                texts.extend(str(k) for k in record.keys())
+    texts = _reply_texts(replies, metric_names=True)
     assert len(secrets) > len(entries)
     for text in texts:
         assert not any(secret in text for secret in secrets), f"a cache key or content hash in {text!r}"

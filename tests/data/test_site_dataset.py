@@ -196,20 +196,16 @@ def test_empty_training_list(tmp_path):
     assert site.training == () and len(site.test) == 1 and site.kind == "segmentation"
 
 
-def test_mixed_class_and_label_map_lists(tmp_path):
+@pytest.mark.parametrize(("where", "index", "says"), [
+    ("training", 1, "'training' mixes class indices and label maps"),
+    ("test", 0, "'test' labels are of another kind"),
+])
+def test_class_index_among_label_maps(tmp_path, where, index, says):
     root = make_site(tmp_path / "s")
     meta = _meta(root)
-    meta["training"][1]["label"] = 1
+    meta[where][index]["label"] = 1
     _rewrite(root, meta)
-    assert "'training' mixes class indices and label maps" in _error(root)
-
-
-def test_test_list_of_another_kind(tmp_path):
-    root = make_site(tmp_path / "s")
-    meta = _meta(root)
-    meta["test"][0]["label"] = 1
-    _rewrite(root, meta)
-    assert "'test' labels are of another kind" in _error(root)
+    assert says in _error(root)
 
 
 def _classification_site(root: Path, labels: list) -> Path:

@@ -11,7 +11,9 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureTyped
 
-from app.predict import load_model, open_case, predict_main, predict_segmentation, read_run_config
+from app.predict import predict_main, predict_segmentation
+from app.predict_input import open_case
+from app.predict_model import load_model, read_run_config
 from data_prep.synthetic_dicom import write_volume
 from tasks import get_task
 from tasks.segmentation import preprocessing

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from deploy.loopback import LoopbackFederation
+from deploy.loopback import LoopbackFederation, stop_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -51,22 +49,6 @@ def processes_using(path: Path) -> list[int]:
         if str(path) in cmdline and int(proc.name) != os.getpid():
             pids.append(int(proc.name))
     return pids
-
-
-def stop_processes(pids: list[int], timeout: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture

@@ -188,3 +188,19 @@ def test_world_compare_ignores_field_of_view(tmp_path):
     assert world.compare(a, shifted).max_abs > 1.0
     undefined = np.zeros(b.shape, bool)
     assert world.compare(a, b, b_defined=undefined).both == 0
+
+
+def test_predict_reads_a_tilted_series_as_prep_writes_it(tmp_path):
+    """``fedimaging predict`` converts a DICOM folder with prep's own steps: same grid, same voxels."""
+    from app.predict_input import open_case
+
+    series = TiltedSeries(+1, +1)
+    series.write(tmp_path / "in", "descending", tag=True)
+    prepared = _prep(tmp_path / "in", tmp_path / "out")
+    (tmp_path / "work").mkdir()
+    case = open_case(tmp_path / "in", tmp_path / "work")
+    converted = nib.load(str(case.nifti))
+    assert case.modality == "CT" and case.shape == prepared.shape
+    np.testing.assert_array_equal(converted.affine, prepared.affine)
+    np.testing.assert_array_equal(np.asanyarray(converted.dataobj), np.asanyarray(prepared.dataobj))
+    _check_prep_output(series, converted)  # the tilt corrected, as prep does
