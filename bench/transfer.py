@@ -74,8 +74,8 @@ def epsilon_spent(run_dir: Path) -> dict[str, float]:
 
 def arm(raw: dict[str, Any], n_sites: int, run_dir: Path) -> dict[str, Any]:
     """One study, summarised."""
-    metric = get_task(parse_run_config(raw).task, parse_run_config(raw).task_settings()).best_metric
-    result = run_federated(raw, n_sites, run_dir, metric)
+    run = parse_run_config(raw)
+    result = run_federated(raw, n_sites, run_dir, get_task(run.task, run.task_settings()).best_metric)
     weights = result.pop("test_cases")
     result["mean_dice"] = float(np.average([result["site_dice"][s] for s in weights], weights=list(weights.values())))
     result["test_cases"] = weights
@@ -116,48 +116,59 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    results, lines = report["results"], report["goals"]
+    header = (f"Pretrain: FedAvg on {', '.join(report['ct_sites'])}, rounds: {report['pretrain_rounds']}. Fine-tune: "
+              f"{MR_SITE} (MR) split into {MR_SPLIT_SITES} SIMULATED sites (one scanner), rounds per arm: "
+              f"{report['rounds']}; DP arms: epsilon {report['dp_epsilon']:g} per site for the study.")
+    atomic_write_json(out / "transfer.json", report)
+    atomic_write_text(out / "transfer.md", "# Federated transfer learning on the demo (CT -> MR)\n\n" + header
+                      + "\n\n" + table(results) + "\n\n" + "\n".join(f"- {g}" for g in lines) + "\n")
+
+
+def _log(name: str, result: dict[str, Any]) -> None:
+    print(json.dumps({"arm": name, "mean_dice": result["mean_dice"]}), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--quick", action="store_true", help="small demo, 1 round per study")
+    parser.add_argument("--quick", action="store_true", help="small demo, 1 round per study, 2 CT sites")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every MR arm (default 10; quick 1)")
     parser.add_argument("--pretrain-rounds", type=int, default=None, help="rounds of pretrain-ct (default --rounds)")
     parser.add_argument("--dp-epsilon", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--run-config", default="", help="overrides for every arm, as flwr run --run-config")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 10)
-    if rounds < 1 or (args.pretrain_rounds is not None and args.pretrain_rounds < 1) or args.dp_epsilon <= 0:
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 10)
+    pretrain_rounds = args.pretrain_rounds if args.pretrain_rounds is not None else rounds
+    if rounds < 1 or pretrain_rounds < 1 or args.dp_epsilon <= 0:
         parser.error("--rounds and --pretrain-rounds must be >= 1 and --dp-epsilon > 0")
     out = args.out.resolve()
     base = {**(QUICK if args.quick else {}), "task": "segmentation", "strategy": "fedavg", "seed": args.seed,
             "home": str(out / "home"), "num-server-rounds": rounds, **parse_overrides(args.run_config)}
+    n_ct = int(base.get("demo-sites", len(CT_SITES)))
+    if not 1 <= n_ct <= len(CT_SITES):
+        parser.error(f"demo-sites={n_ct}: the pretraining sites are the first 1..{len(CT_SITES)} of the CT sites {CT_SITES}")
+    ct_sites = CT_SITES[:n_ct]
 
-    ct_sites = CT_SITES[:int(base.get("demo-sites", len(CT_SITES)))]
-    if not ct_sites or int(base.get("demo-sites", 1)) > len(CT_SITES):
-        parser.error(f"demo-sites: the pretraining sites are the first 1..{len(CT_SITES)} CT sites {CT_SITES}")
     results: dict[str, dict] = {}
-    pretrain = {**base, "demo-sites": len(ct_sites), "cross-site": False, "state-root": str(out / "state" / "pretrain-ct"),
-                "num-server-rounds": args.pretrain_rounds or base["num-server-rounds"]}
-    results["pretrain-ct"] = arm(pretrain, len(ct_sites), out / "runs" / "pretrain-ct")
-    print(json.dumps({"arm": "pretrain-ct", "mean_dice": results["pretrain-ct"]["mean_dice"]}), file=sys.stderr, flush=True)
+    pretrain = {**base, "demo-sites": n_ct, "cross-site": False, "num-server-rounds": pretrain_rounds,
+                "state-root": str(out / "state" / "pretrain-ct")}
+    results["pretrain-ct"] = arm(pretrain, n_ct, out / "runs" / "pretrain-ct")
+    _log("pretrain-ct", results["pretrain-ct"])
     sites_dir, split = mr_sites(base, out / "mr-sites")
     pretrained = Path(results["pretrain-ct"]["run_dir"]) / "final_model.pt"
     for name, raw in arm_configs(base, out, sites_dir, pretrained, args.dp_epsilon).items():
         results[name] = arm(raw, MR_SPLIT_SITES, out / "runs" / name)
-        print(json.dumps({"arm": name, "mean_dice": results[name]["mean_dice"]}), file=sys.stderr, flush=True)
+        _log(name, results[name])
 
     lines = goals(results)
-    report = {"quick": args.quick, "rounds": base["num-server-rounds"], "pretrain_rounds": pretrain["num-server-rounds"],
-              "dp_epsilon": args.dp_epsilon, "ct_sites": ct_sites,
-              "mr_sites": {"source": MR_SITE, "simulated_split": {k: split[k] for k in ("method", "seed", "counts", "note")}},
-              "settings": {k: v for k, v in base.items() if k != "home"}, "results": results, "goals": lines}
-    atomic_write_json(out / "transfer.json", report)
-    atomic_write_text(out / "transfer.md", "# Federated transfer learning on the demo (CT -> MR)\n\n"
-                      f"Pretrain: FedAvg on {', '.join(ct_sites)}, rounds: {report['pretrain_rounds']}. Fine-tune: {MR_SITE} (MR) "
-                      f"split into {MR_SPLIT_SITES} SIMULATED sites (one scanner), rounds per arm: {report['rounds']}; "
-                      f"DP arms: epsilon {args.dp_epsilon:g} per site for the study.\n\n"
-                      + table(results) + "\n\n" + "\n".join(f"- {g}" for g in lines) + "\n")
+    write_report(out, {
+        "quick": args.quick, "rounds": base["num-server-rounds"], "pretrain_rounds": pretrain_rounds,
+        "dp_epsilon": args.dp_epsilon, "ct_sites": ct_sites,
+        "mr_sites": {"source": MR_SITE, "simulated_split": {k: split[k] for k in ("method", "seed", "counts", "note")}},
+        "settings": {k: v for k, v in base.items() if k != "home"}, "results": results, "goals": lines})
     for g in lines:
         print(g, flush=True)
     return 0

@@ -13,8 +13,6 @@ from app.site_runtime import _DP_SESSIONS
 from bench import transfer
 from strategies import load_weights
 
-pytestmark = pytest.mark.slow  # five 1-round studies on the small demo
-
 TINY = ("spacing=6,6,6 roi-size=16,16,16 channels=4,8,16 crops-per-case=1 batch-size=2 torch-threads=1 "
         "cross-site=false")
 
@@ -34,6 +32,7 @@ def quick(tmp_path_factory, demo_root):
     return out, json.loads((out / "transfer.json").read_text())
 
 
+@pytest.mark.slow  # five 1-round studies on the small demo (shared by this file's slow tests)
 def test_every_arm_is_what_its_kept_run_recorded(quick):
     out, report = quick
     results = report["results"]
@@ -66,6 +65,7 @@ def test_every_arm_is_what_its_kept_run_recorded(quick):
     assert all(f"| {name} |" in md for name in transfer.ARMS) and "mr-transfer (" in md
 
 
+@pytest.mark.slow
 def test_transfer_arms_start_from_the_pretrained_model_and_freezing_sends_less(quick):
     out, report = quick
     results = report["results"]
@@ -93,3 +93,12 @@ def test_transfer_arms_start_from_the_pretrained_model_and_freezing_sends_less(q
     changed = sum(final[n].size for n in final if final[n].tobytes() != initial[n].tobytes())
     # the UNet has no buffers: a reply carries exactly the trainable values; all the others stayed fixed
     assert changed <= frozen_arm["sent_values"] == frozen_arm["trainable_parameters"] < total
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--pretrain-rounds", "0"], ["--dp-epsilon", "0"],
+                                  ["--run-config", "demo-sites=4"], ["--run-config", "demo-sites=0"]])
+def test_bad_arguments_stop_before_any_study(tmp_path, argv, capsys):
+    with pytest.raises(SystemExit):
+        transfer.main(["--quick", "--out", str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
+    assert "demo-sites" in capsys.readouterr().err or "demo-sites" not in " ".join(argv)
