@@ -101,27 +101,40 @@ def local_arm(study: DemoStudy) -> dict[str, Any]:
             "matrix": matrix, "seconds": time.perf_counter() - t0}
 
 
-def federated_arm(study: DemoStudy, run_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A federated study with the real ServerApp/ClientApp code; per-round curve included."""
-    raw = {**study.raw, "run-dir": str(run_dir), "cross-site": True, **overrides}
-    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": len(study.sites)}
-                                  for i in range(len(study.sites))], raw)
+def run_federated(raw: dict[str, Any], n_sites: int, run_dir: Path, metric: str) -> dict[str, Any]:
+    """A study through ``run_study`` on an in-process grid of ``n_sites`` (partition ids), read back
+    from its ``metrics.jsonl``: final per-site ``metric``, per-round curve, seconds."""
+    raw = {**raw, "run-dir": str(run_dir)}
+    grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)], raw)
     t0 = time.perf_counter()
     run_dir = run_study(grid, raw, run_id=1)
     seconds = time.perf_counter() - t0
-    metric = study.task.best_metric
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if r["phase"] == "evaluate" and r.get("sites")]
-    final = {s: evaluations[-1]["sites"][s][metric] for s in study.sites}
-    cross = json.loads((run_dir / "cross_site.json").read_text())
-    unseen = cross["matrix"][cross["models"].index("global")][cross["sites"].index(CROSS_SITE_UNSEEN)]
+    last = evaluations[-1]["sites"]
     per_round: dict[int, float] = {}
     for r in records:
         per_round[r["round"]] = per_round.get(r["round"], 0.0) + r["seconds"]
-    result = {"site_dice": final, "mean_dice": study.weighted(final), "unseen_dice": unseen, "seconds": seconds,
+    result = {"site_dice": {s: last[s][metric] for s in last}, "seconds": seconds,
               "seconds_per_round": float(np.mean(list(per_round.values()))),
-              "curve": [r["aggregate"].get(metric) for r in evaluations], "run_dir": str(run_dir)}
-    personal = {s: evaluations[-1]["sites"][s].get(f"personal-{metric}") for s in study.sites}
+              "curve": [r["aggregate"].get(metric) for r in evaluations], "run_dir": str(run_dir),
+              "test_cases": {s: last[s].get("num-examples") for s in last}}
+    personal = {s: last[s].get(f"personal-{metric}") for s in last}
     if all(isinstance(v, (int, float)) for v in personal.values()):  # personalization: each site's own model
-        result.update(personal_site_dice=personal, personal_mean_dice=study.weighted(personal))
+        result["personal_site_dice"] = personal
+    return result
+
+
+def federated_arm(study: DemoStudy, run_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A federated study with the real ServerApp/ClientApp code; per-round curve included."""
+    raw = {**study.raw, "cross-site": True, **overrides}
+    result = run_federated(raw, len(study.sites), run_dir, study.task.best_metric)
+    result.pop("test_cases")
+    result["site_dice"] = {s: result["site_dice"][s] for s in study.sites}
+    cross = json.loads((Path(result["run_dir"]) / "cross_site.json").read_text())
+    result["mean_dice"] = study.weighted(result["site_dice"])
+    result["unseen_dice"] = cross["matrix"][cross["models"].index("global")][cross["sites"].index(CROSS_SITE_UNSEEN)]
+    if "personal_site_dice" in result:
+        result["personal_site_dice"] = {s: result["personal_site_dice"][s] for s in study.sites}
+        result["personal_mean_dice"] = study.weighted(result["personal_site_dice"])
     return result

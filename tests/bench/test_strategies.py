@@ -16,11 +16,11 @@ TINY = ("num-server-rounds=1 spacing=6,6,6 roi-size=16,16,16 channels=4,8,16 cro
         "demo-sites=2 torch-threads=1")
 
 
-def test_quick_run_reports_each_sites_personal_and_global_dice(tmp_path, capsys):
+def test_quick_run_reports_each_sites_personal_and_global_dice(tmp_path, capsys, demo_root):
     before = torch.get_num_threads()
     try:
         assert strategies.main(["--quick", "--out", str(tmp_path), "--strategies", "fedbn-ditto",
-                                "--run-config", TINY]) == 0
+                                "--run-config", f"{TINY} demo-root={demo_root}"]) == 0
     finally:
         torch.set_num_threads(before)
     report = json.loads((tmp_path / "strategies.json").read_text())
