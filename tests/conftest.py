@@ -24,3 +24,11 @@ def pytest_collection_modifyitems(config, items):
         else:
             group = path
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Run config ``demo-root`` shared by the in-process studies of the whole suite: generating a
+    demo site (DICOM, then prep) costs seconds, and ``ensure_demo_site`` makes each site once per
+    (site, seed, task, size). Tests that alter a demo site copy it first."""
+    return tmp_path_factory.mktemp("shared-demo")

@@ -21,6 +21,14 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_demo(demo_root):
+    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
+    TINY["demo-root"] = str(demo_root)
+    yield
+    TINY.pop("demo-root")
+
+
 def test_client_side_central_dp_clips_at_the_real_sites(tmp_path):
     clip, z = 1e-3, 0.5
     raw = {**TINY, "home": str(tmp_path / "home"), "run-dir": str(tmp_path / "run"), "central-dp": "client-side",

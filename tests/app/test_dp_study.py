@@ -24,6 +24,14 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_demo(demo_root):
+    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
+    TINY["demo-root"] = str(demo_root)
+    yield
+    TINY.pop("demo-root")
+
+
 def _run(home, run_dir, nobody_trains=False, **extra):
     raw = {**TINY, "home": str(home), "run-dir": str(run_dir), **extra}
     grid = LocalGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)

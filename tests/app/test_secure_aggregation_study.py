@@ -23,6 +23,14 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_demo(demo_root):
+    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
+    TINY["demo-root"] = str(demo_root)
+    yield
+    TINY.pop("demo-root")
+
+
 class RecordingGrid(LocalGrid):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
