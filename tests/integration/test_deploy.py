@@ -19,6 +19,7 @@ import pytest
 
 from data_prep.demo import write_demo_site
 from deploy.loopback import LoopbackFederation, process_tree
+from privacy import he_keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -65,17 +66,19 @@ def _finish(fed: LoopbackFederation, run, timeout: float) -> str:
     return log
 
 
-def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_excluded(
+def test_three_sites_with_tls_auth_and_he_complete_a_study_a_broken_site_is_excluded(
         make_federation, datasets, tmp_path: Path) -> None:
-    """Three good sites and one whose dataset.json is broken, two rounds, the deployed fast path.
+    """Three good sites and one whose dataset.json is broken, two rounds, the deployed fast path and
+    encrypted aggregation (``deploy init --secure-aggregation he``: each site's node config names
+    its full CKKS context, the coordinator runs with the public one).
 
-    One federation for what used to be two tests (each federation costs minutes on 2 cores). A
+    One federation for what used to be three tests (each federation costs minutes on 2 cores). A
     site killed mid-round is covered by tests/integration/test_deploy_restart.py."""
     broken = tmp_path / "broken-site"
     shutil.copytree(datasets["site-b"], broken)
     manifest = broken / "dataset.json"
     manifest.write_text("{ not json")
-    fed = make_federation({**datasets, "site-d": broken})
+    fed = make_federation({**datasets, "site-d": broken}, secure_aggregation="he")  # + CKKS keys
 
     # start-site.sh checks the dataset first and names the wrong file
     refused = fed.start_site("site-d", name="site-d-preflight")
@@ -93,8 +96,10 @@ def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_exclude
     run_dir = tmp_path / "run"
     # the deployed fast path: received-model metrics in every train reply, evaluate messages after
     # the last round only (each message costs every site a new process)
+    # and encrypted aggregation, with the keys deploy init wrote: the coordinator has the public context
     run = fed.run_study({"num-server-rounds": 2, "run-dir": str(run_dir), "min-available-sites": 4,
-                         "evaluate-every": 0, "evaluate-received": True, **TINY})
+                         "evaluate-every": 0, "evaluate-received": True, **TINY,
+                         "secure-aggregation": "he", "he-public-context": str(fed.link_dir / "he-public-context.ckks")})
     log = _finish(fed, run, 900)
     assert f"Run directory: {run_dir}" in log
 
@@ -111,6 +116,7 @@ def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_exclude
             assert 0.0 <= r["sites"][site]["received-dice"] <= 1.0
         assert len(r["excluded"]) == 1  # site-d
         assert "site-failure dataset-invalid" in json.dumps(r["excluded"])  # a reason code, no path
+        assert r["secure-aggregation"]["contributors"] == 3 and r["secure-aggregation"]["decrypted-by"] in SITES
     for r in evaluate:
         assert set(SITES) <= set(r["sites"])
         assert all(0.0 <= r["sites"][s]["dice"] <= 1.0 for s in SITES)
@@ -124,6 +130,14 @@ def test_three_sites_with_tls_and_auth_complete_a_study_a_broken_site_is_exclude
     # the study went through the TLS connection written by deploy init, state persisted on disk
     assert f"Using SuperLink: fedimaging (127.0.0.1:{fed.port})" in log
     assert (fed.link_dir / "state" / "superlink.db").is_file()
+    # the sites' key was used, and no byte of its secret key is anywhere on the coordinator's side
+    ctx, key_id = he_keys.read_key_file(fed.site_dir("site-a") / "he-context.ckks", need_secret=True)
+    assert train[0]["secure-aggregation"]["key-id"] == key_id
+    secret = tmp_path / "sk.bin"
+    ctx.secret_key().data.save(str(secret))
+    needle = secret.read_bytes()[4096:4160]
+    coordinator = [q for d in (run_dir, fed.link_dir) for q in d.rglob("*") if q.is_file()]
+    assert coordinator and not [q for q in coordinator if needle in q.read_bytes()]
 
 
 def test_unregistered_or_untrusting_supernodes_cannot_join(make_federation, datasets) -> None:
