@@ -32,3 +32,16 @@ def demo_root(tmp_path_factory):
     demo site (DICOM, then prep) costs seconds, and ``ensure_demo_site`` makes each site once per
     (site, seed, task, size). Tests that alter a demo site copy it first."""
     return tmp_path_factory.mktemp("shared-demo")
+
+
+def share_demo(config: dict):
+    """A module fixture (assign it in the test file) pointing ``config``, the file's run config,
+    at the suite's demo sites: ``_shared_demo = share_demo(TINY)``."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _shared_demo(demo_root):
+        config["demo-root"] = str(demo_root)
+        yield
+        config.pop("demo-root")
+
+    return _shared_demo

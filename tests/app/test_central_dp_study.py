@@ -14,19 +14,14 @@ import torch
 from app.client_app import app as client_app
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
+from tests.conftest import share_demo
 
 TINY = {
     "num-server-rounds": 1, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6", "roi-size": "16,16,16",
     "channels": "4,8,16", "batch-size": 2, "cross-site": False, "demo-sites": 2,
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_demo(demo_root):
-    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
-    TINY["demo-root"] = str(demo_root)
-    yield
-    TINY.pop("demo-root")
+_shared_demo = share_demo(TINY)  # the suite's demo sites (tests/conftest.py)
 
 
 def test_client_side_central_dp_clips_at_the_real_sites(tmp_path):

@@ -15,6 +15,7 @@ from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from privacy import PrivacyLedger
 from strategies import NoSiteTrained
+from tests.conftest import share_demo
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +24,7 @@ TINY = {
     "channels": "4,8,16", "batch-size": 2, "cross-site": False, "demo-sites": 2,
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_demo(demo_root):
-    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
-    TINY["demo-root"] = str(demo_root)
-    yield
-    TINY.pop("demo-root")
+_shared_demo = share_demo(TINY)  # the suite's demo sites (tests/conftest.py)
 
 
 def _run(home, run_dir, nobody_trains=False, **extra):

@@ -10,6 +10,7 @@ from app.client_app import app as client_app
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from strategies import RunDirectory
+from tests.conftest import share_demo
 
 TINY = {
     "num-server-rounds": 3, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6",
@@ -17,13 +18,7 @@ TINY = {
     "cross-site": False, "torch-threads": 1, "evaluate-every": 2, "evaluate-received": True,
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_demo(demo_root):
-    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
-    TINY["demo-root"] = str(demo_root)
-    yield
-    TINY.pop("demo-root")
+_shared_demo = share_demo(TINY)  # the suite's demo sites (tests/conftest.py)
 
 
 class CountingGrid(LocalGrid):

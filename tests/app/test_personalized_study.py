@@ -20,6 +20,7 @@ from app.predict_model import load_model
 from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from fedimaging.weights import load_tensors
+from tests.conftest import share_demo
 
 TINY = {
     "num-server-rounds": 2, "local-epochs": 1, "demo-size": "small", "spacing": "6,6,6",
@@ -27,13 +28,7 @@ TINY = {
     "strategy": "fedbn", "personalization": "finetune", "torch-threads": 1,
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_demo(demo_root):
-    """Every study of this file reads the suite's demo sites (tests/conftest.py)."""
-    TINY["demo-root"] = str(demo_root)
-    yield
-    TINY.pop("demo-root")
+_shared_demo = share_demo(TINY)  # the suite's demo sites (tests/conftest.py)
 
 
 class _Crash(RuntimeError):
