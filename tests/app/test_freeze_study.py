@@ -14,7 +14,7 @@ from app.client_app import app as client_app
 from app.config import parse_run_config
 from app.config_values import ConfigError
 from app.server_app import run_study
-from bench.local_grid import LocalGrid
+from tests.app.grids import CapturingGrid
 from fedimaging.weights import load_tensors
 from strategies import load_weights
 from tasks import get_task
@@ -26,20 +26,9 @@ TINY = {
 }
 
 
-class _Capturing(LocalGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replies = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
-
-
 def _study(home, demo_root, **extra):
     raw = {**TINY, "home": str(home), "run-dir": str(home / "run"), "demo-root": str(demo_root), **extra}
-    grid = _Capturing(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
     run_dir = run_study(grid, raw, run_id=21)
     run = parse_run_config(raw)
     task = get_task(run.task, run.task_settings())
@@ -102,7 +91,7 @@ def test_a_dp_site_trains_and_noises_only_what_is_not_frozen(tmp_path, demo_root
 
 def test_a_pattern_matching_nothing_stops_the_study_before_round_one(tmp_path):
     raw = {**TINY, "home": str(tmp_path), "run-dir": str(tmp_path / "run"), "freeze": "encoder,model.7.*"}
-    grid = _Capturing(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
     with pytest.raises(ConfigError, match=r"'freeze'.*'model\.7\.\*'"):
         run_study(grid, raw, run_id=22)
     assert grid.replies == []  # no site was asked anything

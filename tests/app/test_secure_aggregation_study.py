@@ -14,7 +14,7 @@ import torch
 
 from app.client_app import app as client_app
 from app.server_app import run_study
-from bench.local_grid import LocalGrid
+from tests.app.grids import CapturingGrid
 from privacy import he_keys
 from tests.conftest import share_demo
 
@@ -26,21 +26,10 @@ TINY = {
 _shared_demo = share_demo(TINY)  # the suite's demo sites (tests/conftest.py)
 
 
-class RecordingGrid(LocalGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replies = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.replies += replies
-        return replies
-
-
 def _study(tmp_path, mode):
     raw = {**TINY, "home": str(tmp_path / "home"), "run-dir": str(tmp_path / mode), "secure-aggregation": mode,
            "state-root": str(tmp_path / f"state-{mode}")}
-    grid = RecordingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
+    grid = CapturingGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)], raw)
     run_dir = run_study(grid, raw, run_id=31)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     dice = [r for r in lines if r["phase"] == "evaluate" and r.get("sites")][-1]["aggregate"]["dice"]

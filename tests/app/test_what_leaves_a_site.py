@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from app.client_app import app as client_app
 from app.config import parse_run_config
 from app.server_app import run_study
-from bench.local_grid import LocalGrid
+from tests.app.grids import CapturingGrid
 from tasks import get_task
 
 TINY = {
@@ -32,20 +32,6 @@ SITE_KEYS = {"site-name", "refused-reason", "eval-dataset", "channel-names"}
 README = Path(__file__).resolve().parents[2] / "README.md"
 CONSOLE: dict[str, str] = {}  # what the captured study printed
 SENT: list = []  # what the captured study's server sent to the sites
-
-
-class CapturingGrid(LocalGrid):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replies = []
-        self.sent = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
 
 
 @pytest.fixture(scope="module")
