@@ -2,7 +2,8 @@
 
     python -m bench.realdata hippocampus --out DIR [--data MSD_FOLDER] [--quick]
     python -m bench.realdata adrenal --out DIR --sites N [--data NPZ] [--dp-epsilon 8] [--quick]
-        common: [--strategies fedavg,fedprox] [--local-sites K] [--seed S] [--run-config 'k=v ...']
+        common: [--strategies fedavg,fedprox] [--local-sites K] [--skip pooled,local] [--seed S]
+                [--run-config 'k=v ...']
 
 Arms, all at equal epochs (rounds x local epochs): ``pooled`` (one model on every site's
 training cases), ``local-site-K`` (each site alone; with more than ``--local-sites`` sites a seeded
@@ -210,7 +211,8 @@ def summarise(bench: Bench, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_benchmark(kind: str, out: Path, data: Path, sites: int, strategies: list[str], local_sites: int,
-                  seed: int, dp_epsilon: float, quick: bool, overrides: dict[str, str], max_cases: int = 0) -> dict:
+                  seed: int, dp_epsilon: float, quick: bool, overrides: dict[str, str], max_cases: int = 0,
+                  skip: frozenset[str] = frozenset()) -> dict:
     out = out.resolve()
     t0 = time.perf_counter()
     if kind == "adrenal":
@@ -230,9 +232,10 @@ def run_benchmark(kind: str, out: Path, data: Path, sites: int, strategies: list
         print(json.dumps({"arm": arm, "mean": arms[arm]["mean"], "held_out": arms[arm]["held_out"],
                           "seconds": round(arms[arm]["seconds"], 1)}), file=sys.stderr, flush=True)
 
-    record("pooled", centralised_arm(bench, "pooled", bench.sites, seed))
+    if "pooled" not in skip:
+        record("pooled", centralised_arm(bench, "pooled", bench.sites, seed))
     rng = np.random.default_rng(seed)
-    local = bench.sites if not local_sites or local_sites >= sites else sorted(
+    local = [] if "local" in skip else bench.sites if not local_sites or local_sites >= sites else sorted(
         rng.choice(bench.sites, size=local_sites, replace=False).tolist(), key=lambda s: int(s.split("-")[1]))
     for site in local:
         record(f"local-{site}", centralised_arm(bench, f"local-{site}", [site], seed + 1 + int(site.split("-")[1])))
@@ -245,7 +248,8 @@ def run_benchmark(kind: str, out: Path, data: Path, sites: int, strategies: list
     report = {
         "benchmark": kind, "quick": quick, "simulated_sites": True, "note": split.get("note"),
         "settings": {k: v for k, v in raw.items() if k not in ("home",)}, "epochs": bench.epochs,
-        "sites": sites, "local_arms": local, "local_arms_sampled": len(local) < sites, "split": split,
+        "sites": sites, "local_arms": local, "local_arms_sampled": 0 < len(local) < sites, "skipped": sorted(skip),
+        "split": split,
         "setup_seconds": setup_seconds, "arms": arms,
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="fedavg,fedprox", help="federated arms (default fedavg,fedprox)")
     parser.add_argument("--local-sites", type=int, default=10, help="local-only arms: a seeded sample of this many "
                         "sites when there are more (0 = every site; default 10)")
+    parser.add_argument("--skip", default="", help="arms to leave out, comma-separated: pooled, local (to run a "
+                        "long benchmark's arms as separate runs)")
     parser.add_argument("--dp-epsilon", type=float, default=None, help="adrenal: DP arm budget (default 8; 0 = no DP arm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-cases", type=int, default=0, help="adrenal: a stratified subset of this many "
@@ -280,8 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     if not data.exists():
         parser.error(f"data {data} not found; pass --data")
     strategies = [s for s in args.strategies.split(",") if s]
+    skip = frozenset(s for s in args.skip.split(",") if s)
+    if skip - {"pooled", "local"}:
+        parser.error(f"--skip takes pooled and/or local, not {','.join(sorted(skip - {'pooled', 'local'}))}")
+    if not strategies and {"pooled", "local"} <= skip and dp <= 0:
+        parser.error("nothing to run: every arm is skipped")
     report = run_benchmark(args.kind, args.out, data, sites, strategies, args.local_sites, args.seed, dp,
-                           args.quick, parse_overrides(args.run_config), args.max_cases)
+                           args.quick, parse_overrides(args.run_config), args.max_cases, skip)
     print(markdown(report))
     return 0
 

@@ -50,6 +50,8 @@ def markdown(report: dict) -> str:
              f"{report['epochs']} epochs per arm; per-site columns: each site's own test cases; held-out: all "
              "sites' test cases together." + (" QUICK SMOKE RUN: the numbers mean nothing." if report["quick"] else ""),
              "", *rows, "", *[f"- {g}" for g in report["goals"]], ""]
+    if report.get("skipped"):
+        lines.insert(-2, f"- arms left out of this run (--skip): {', '.join(report['skipped'])}")
     if report["local_arms_sampled"]:
         lines.insert(-2, f"- local-only arms: a seeded sample of {len(report['local_arms'])} of the {report['sites']} sites")
     return "\n".join(lines)
@@ -64,9 +66,10 @@ def goals(report: dict) -> list[str]:
     arms, out = report["arms"], []
     met = lambda ok: "met" if ok else "not met"  # noqa: E731
     if report["benchmark"] == "hippocampus":
-        pooled = arms["pooled"]["held_out"].get("dice")
-        out.append(f"pooled held-out mean Dice {_f(pooled)} (goal >= 0.89): {met(pooled is not None and pooled >= 0.89)}")
-        if "fedavg" in arms:
+        pooled = arms.get("pooled", {}).get("held_out", {}).get("dice")
+        if "pooled" in arms:
+            out.append(f"pooled held-out mean Dice {_f(pooled)} (goal >= 0.89): {met(pooled is not None and pooled >= 0.89)}")
+        if "fedavg" in arms and "pooled" in arms:
             ratio = _ratio(arms["fedavg"]["held_out"].get("dice"), pooled)
             out.append(f"FedAvg / pooled held-out Dice = {_f(ratio)} (goal >= 0.98): {met(ratio is not None and ratio >= 0.98)}")
         fed = [a for a in arms if not a.startswith(("pooled", "local-"))]

@@ -181,3 +181,21 @@ def test_hippocampus_benchmark_end_to_end(tmp_path):
         mask = nib.load(str(mask_path))
         assert mask.shape == original.shape and np.allclose(mask.affine, original.affine)
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_skip_leaves_out_the_pooled_and_local_arms_and_refuses_unknown_names(tmp_path, capsys):
+    npz = _npz(tmp_path / "adrenal.npz", 8, 4)
+    out = tmp_path / "out"
+    assert realdata.main(["adrenal", "--data", str(npz), "--out", str(out), "--sites", "2", "--quick",
+                          "--strategies", "fedavg", "--dp-epsilon", "0", "--skip", "pooled,local",
+                          "--run-config", "torch-threads=1"]) == 0
+    report = json.loads((out / "realdata.json").read_text())
+    assert set(report["arms"]) == {"fedavg"} and report["skipped"] == ["local", "pooled"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedavg"]
+    assert "left out of this run (--skip): local, pooled" in (out / "realdata.md").read_text()
+    for bad, message in ((["--skip", "fedavg"], "--skip takes pooled and/or local, not fedavg"),
+                         (["--skip", "pooled,local", "--strategies", ""], "nothing to run")):
+        with pytest.raises(SystemExit):
+            realdata.main(["adrenal", "--data", str(npz), "--out", str(tmp_path / "x"), "--dp-epsilon", "0", *bad])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
