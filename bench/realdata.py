@@ -44,7 +44,7 @@ DEFAULT_DATA = {"hippocampus": "realdata/msd_hippocampus", "adrenal": "realdata/
 RECIPES = {
     "hippocampus": {"task": "segmentation", "spacing": "1,1,1", "roi-size": "32,48,32", "num-server-rounds": 15,
                     "local-epochs": 2, "batch-size": 4, "crops-per-case": 2, "channels": "16,32,64,128", "lr": 0.002},
-    "adrenal": {"task": "classification", "classifier": "resnet18", "classifier-width": 0.25,
+    "adrenal": {"task": "classification", "classifier": "resnet10", "classifier-width": 0.25,
                 "spacing": ",".join([str(64 / 28)] * 3), "classification-size": "28,28,28", "ct-window": "0,255",
                 "num-server-rounds": 10, "local-epochs": 2, "batch-size": 16, "lr": 0.002},
 }
