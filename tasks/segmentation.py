@@ -138,7 +138,7 @@ class SegmentationTask(Task):
                 warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0")
                 warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
                 hd95(pred, truth, spacing=list(self.settings.spacing))
-        per_class = dice.aggregate().cpu().numpy()  # NaN for a class no test case contains
+        per_class = _mean_over_cases(dice.get_buffer().cpu().numpy())  # NaN for a class no test case contains
         distances = hd95.aggregate().cpu().numpy()
         finite = distances[np.isfinite(distances)]
         metrics = {
@@ -150,3 +150,16 @@ class SegmentationTask(Task):
         for index, value in enumerate(per_class, start=1):
             metrics[f"dice-class{index}"] = float(value)
         return metrics
+
+
+def _mean_over_cases(per_case: np.ndarray) -> np.ndarray:
+    """Each class's mean Dice over the cases whose ground truth contains it; NaN if none does.
+
+    Not ``DiceMetric.aggregate()``: MONAI's reduction turns a class that is NaN in every case (no
+    test case contains it, e.g. a site whose test cases are all lesion-free) into 0.0, which
+    scored such a site's lesion Dice as 0 and halved its mean Dice."""
+    present = np.isfinite(per_case)
+    counts = present.sum(axis=0)
+    sums = np.where(present, per_case, 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+

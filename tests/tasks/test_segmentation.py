@@ -329,3 +329,32 @@ def test_prepare_site_refuses_class_index_datasets(tmp_path):
     dataset = load_site_dataset(write_demo_site(tmp_path / "c", "site-c", seed=1, task="classification", size="small"))
     with pytest.raises(ValueError, match="label maps"):
         SegmentationTask(TaskSettings(**TINY)).prepare_site(dataset)
+
+
+def test_a_class_no_test_case_contains_is_undefined_not_zero(tmp_path, monkeypatch):
+    """A site whose test cases are all lesion-free: lesion Dice is NaN and the site's Dice is the
+    organ's, whatever the model predicts as lesion there (MONAI's aggregate() would give 0.0)."""
+    spacing = (2.0, 2.0, 2.0)
+    shape = (16, 16, 16)
+    truths = [_box(shape, (3, 3, 3), (12, 11, 10)), _box(shape, (4, 2, 5), (13, 12, 11))]
+    preds = [_box(shape, (3, 4, 3), (12, 11, 10)), _box(shape, (4, 2, 5), (13, 12, 11))]
+    preds[0][5:8, 5:8, 5:8] = 2  # a false-positive lesion in a lesion-free case
+    task = SegmentationTask(TaskSettings(spacing=spacing, **TINY))
+    site = task.prepare_site(load_site_dataset(_eval_site(tmp_path, truths, spacing), require_training=False))
+    queue = [torch.from_numpy(p) for p in preds]
+    monkeypatch.setattr(task, "predict_logits", lambda model, image: torch.nn.functional.one_hot(
+        queue.pop(0).long(), 3).permute(3, 0, 1, 2)[None].float() * 10.0)
+    metrics = task.evaluate(task.build_model(), site, "test")
+    organ = np.mean([_dice(p == 1, t == 1) for p, t in zip(preds, truths)])
+    assert 0.5 < organ < 1.0
+    assert np.isnan(metrics["dice-class2"])
+    assert metrics["dice-class1"] == pytest.approx(organ, abs=1e-5)
+    assert metrics["dice"] == pytest.approx(organ, abs=1e-5)
+
+
+def test_a_class_is_averaged_over_the_cases_that_contain_it():
+    from tasks.segmentation import _mean_over_cases
+
+    per_case = np.array([[0.8, np.nan], [0.6, 0.5], [1.0, np.nan]])
+    np.testing.assert_allclose(_mean_over_cases(per_case), [0.8, 0.5])
+    assert np.isnan(_mean_over_cases(np.array([[0.7, np.nan]]))[1])
