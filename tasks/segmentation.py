@@ -122,7 +122,7 @@ class SegmentationTask(Task):
         model.to(device())
         # ignore_empty (MONAI's default): a class absent from a case's ground truth (a lesion-free
         # case) does not enter that class's mean; false positives there show up in HD95 and loss.
-        dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)  # per case, see below
         hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         losses = []
         for item in DataLoader(dataset, batch_size=1, num_workers=0):

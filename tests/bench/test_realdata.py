@@ -99,13 +99,17 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
 
 
+def _quick_adrenal(tmp_path: Path, n_train: int, n_val: int, *args: str) -> Path:
+    """``bench.realdata adrenal --quick`` on 2 sites, FedAvg, of a generated npz; returns --out."""
+    npz, out = _npz(tmp_path / "adrenal.npz", n_train, n_val), tmp_path / "out"
+    assert realdata.main(["adrenal", "--data", str(npz), "--out", str(out), "--sites", "2", "--quick",
+                          "--strategies", "fedavg", *args, "--run-config", "torch-threads=1"]) == 0
+    return out
+
+
 @pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet
 def test_adrenal_benchmark_end_to_end(tmp_path):
-    npz = _npz(tmp_path / "adrenal.npz", 16, 8)
-    out = tmp_path / "out"
-    assert realdata.main(["adrenal", "--data", str(npz), "--out", str(out), "--sites", "2", "--quick",
-                          "--strategies", "fedavg", "--local-sites", "1", "--dp-epsilon", "8",
-                          "--run-config", "torch-threads=1"]) == 0
+    out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8")
     report = json.loads((out / "realdata.json").read_text())
     arms = report["arms"]
     local = [a for a in arms if a.startswith("local-")]
@@ -184,11 +188,8 @@ def test_hippocampus_benchmark_end_to_end(tmp_path):
 
 
 def test_skip_leaves_out_the_pooled_and_local_arms_and_refuses_unknown_names(tmp_path, capsys):
-    npz = _npz(tmp_path / "adrenal.npz", 8, 4)
-    out = tmp_path / "out"
-    assert realdata.main(["adrenal", "--data", str(npz), "--out", str(out), "--sites", "2", "--quick",
-                          "--strategies", "fedavg", "--dp-epsilon", "0", "--skip", "pooled,local",
-                          "--run-config", "torch-threads=1"]) == 0
+    out = _quick_adrenal(tmp_path, 8, 4, "--dp-epsilon", "0", "--skip", "pooled,local")
+    npz = tmp_path / "adrenal.npz"
     report = json.loads((out / "realdata.json").read_text())
     assert set(report["arms"]) == {"fedavg"} and report["skipped"] == ["local", "pooled"]
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["fedavg"]
