@@ -8,7 +8,9 @@
 Arms, all at equal epochs (rounds x local epochs): ``pooled`` (one model on every site's
 training cases), ``local-site-K`` (each site alone; with more than ``--local-sites`` sites a seeded
 sample), each strategy through the real ServerApp/ClientApp code on an in-process grid
-(``bench.local_grid``), and for adrenal ``fedavg-dp<eps>`` (every site with DP-SGD at that budget).
+(``bench.local_grid``), or a personalization arm of ``bench.strategies`` (``ditto``, ``finetune``,
+``fedbn-ditto``, ``fedbn-finetune``: each site's ``personal-<metric>`` beside the global model's),
+and for adrenal ``fedavg-dp<eps>`` (every site with DP-SGD at that budget).
 Every arm keeps ``DIR/runs/<arm>/`` with ``run_config.json`` and ``final_model.pt`` (what
 ``fedimaging predict --model`` takes). Writes ``DIR/realdata.json`` and ``DIR/realdata.md``.
 
@@ -34,6 +36,7 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from bench.demo_study import parse_overrides
+from bench.strategies import PERSONAL, arm_overrides
 from bench.realdata_sites import adrenal_to_nifti, build_adrenal_sites, build_hippocampus_sites  # noqa: F401
 from bench.realdata_report import goals, markdown
 from fedimaging.io import atomic_path, atomic_write_json, atomic_write_text
@@ -56,7 +59,6 @@ QUICK = {  # smoke settings for tests: numbers mean nothing
                 "batch-size": 4},
 }
 SKIPPABLE = frozenset({"pooled", "local"})  # --skip
-STRATEGY_OVERRIDES = {"fedprox": {"proximal-mu": 0.01}, "scaffold": {"optimizer": "sgd", "lr": 0.01}}
 
 
 def default_data(kind: str) -> Path:
@@ -209,6 +211,9 @@ def summarise(bench: Bench, result: dict[str, Any]) -> dict[str, Any]:
     finite = [v for v in values if v is not None]
     result["mean"] = float(np.mean(finite)) if finite else None
     result["metric"] = metric
+    personal = [m.get(f"personal-{metric}") for m in result["sites"].values()]
+    if any(v is not None for v in personal):  # a personalization arm: each site's personal model, at that site
+        result["personal_mean"] = float(np.mean([v for v in personal if v is not None]))
     return result
 
 
@@ -242,7 +247,7 @@ def run_benchmark(kind: str, out: Path, data: Path, sites: int, strategies: list
     for site in local:
         record(f"local-{site}", centralised_arm(bench, f"local-{site}", [site], seed + 1 + int(site.split("-")[1])))
     for name in strategies:
-        record(name, federated_arm(bench, name, strategy=name, **STRATEGY_OVERRIDES.get(name, {})))
+        record(name, federated_arm(bench, name, **arm_overrides(name)))
     if dp_epsilon > 0:
         record(f"fedavg-dp{dp_epsilon:g}", federated_arm(bench, f"fedavg-dp{dp_epsilon:g}", strategy="fedavg",
                                                          **{"dp-epsilon": dp_epsilon,
@@ -268,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, help="source data (default ../shared/realdata/...)")
     parser.add_argument("--sites", type=int, default=None, help="simulated sites (hippocampus 4, adrenal 10)")
-    parser.add_argument("--strategies", default="fedavg,fedprox", help="federated arms (default fedavg,fedprox)")
+    parser.add_argument("--strategies", default="fedavg,fedprox", help="federated arms: strategies or personalization "
+                        f"arms ({', '.join(PERSONAL)}); default fedavg,fedprox")
     parser.add_argument("--local-sites", type=int, default=10, help="local-only arms: a seeded sample of this many "
                         "sites when there are more (0 = every site; default 10)")
     parser.add_argument("--skip", default="", help="arms to leave out, comma-separated: pooled, local (to run a "

@@ -12,8 +12,8 @@ def _f(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _site_cells(arm: dict, sites: list[str]) -> list[str]:
-    metric = arm["metric"]
+def _site_cells(arm: dict, sites: list[str], metric: str | None = None) -> list[str]:
+    metric = metric or arm["metric"]
     values = [arm["sites"][s].get(metric) for s in sites]
     if len(sites) <= MAX_SITE_COLUMNS:
         return [_f(v) for v in values]
@@ -43,6 +43,10 @@ def markdown(report: dict) -> str:
         cells = [name, *_site_cells(arm, sites), _f(arm["mean"]), *extra(arm), f"{arm['seconds']:.0f}",
                  f"{arm['peak_rss_mb']:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
+        if "personal_mean" in arm:  # each personal model at its own site only: no held-out cells
+            cells = [f"{name}: personal models", *_site_cells(arm, sites, f"personal-{metric}"),
+                     _f(arm["personal_mean"]), *["n/a"] * len(extra_head), "", ""]
+            rows.append("| " + " | ".join(cells) + " |")
     title = {"hippocampus": "MSD Hippocampus (MRI segmentation, Dice)",
              "adrenal": "AdrenalMNIST3D (classification, AUC)"}[report["benchmark"]]
     lines = [f"# {title}, {report['sites']} simulated sites", "",
@@ -59,6 +63,20 @@ def markdown(report: dict) -> str:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b in (None, 0) else a / b
+
+
+def _personal_goal(name: str, arms: dict) -> str:
+    """Issue 14's goal at each site: the personal model >= the global model and >= the local-only one."""
+    metric, sites = arms[name]["metric"], arms[name]["sites"]
+    below = []
+    for site, m in sites.items():
+        bars = [m.get(metric)] + ([arms[f"local-{site}"]["sites"][site].get(metric)] if f"local-{site}" in arms else [])
+        personal = m.get(f"personal-{metric}")
+        if personal is None or any(b is not None and personal < b for b in bars):
+            below.append(site)
+    compared = "its local-only and its global-model" if any(f"local-{s}" in arms for s in sites) else "its global-model"
+    return (f"{name}: every site's personal {metric} >= {compared} {metric}: " + ("met" if not below else
+            f"not met (below: {', '.join(below)})"))
 
 
 def goals(report: dict) -> list[str]:
@@ -78,6 +96,8 @@ def goals(report: dict) -> list[str]:
                      and (arms[name]["sites"][s].get("dice") or 0) < (arms[f"local-{s}"]["sites"][s].get("dice") or 0)]
             out.append(f"{name}: every site's Dice >= its local-only Dice: {met(not worse)}"
                        + (f" (below: {', '.join(worse)})" if worse else ""))
+            if "personal_mean" in arms[name]:
+                out.append(_personal_goal(name, arms))
     else:
         fedavg = arms.get("fedavg", {}).get("held_out", {}).get("auc")
         out.append(f"FedAvg held-out AUC {_f(fedavg)} (goal >= 0.83 with 10 sites; MedMNIST v2 centralised 3D "

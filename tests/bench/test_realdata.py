@@ -159,23 +159,30 @@ def _tiny_msd(target: Path, n_float: int = 6, n_uint8: int = 2) -> Path:
     return target
 
 
-@pytest.mark.slow  # about 10 s: import, split, six arms of one round on a tiny UNet
+@pytest.mark.slow  # about 15 s: import, split, seven arms of one round on a tiny UNet
 @pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason="../shared/realdata/msd_hippocampus absent")
 def test_hippocampus_benchmark_end_to_end(tmp_path):
     source = _tiny_msd(tmp_path / "msd")
     out = tmp_path / "out"
     assert realdata.main(["hippocampus", "--data", str(source), "--out", str(out), "--quick",
-                          "--strategies", "fedavg", "--run-config", "torch-threads=1"]) == 0
+                          "--strategies", "fedavg,ditto", "--run-config", "torch-threads=1"]) == 0
     report = json.loads((out / "realdata.json").read_text())
     groups = {s: c["groups"] for s, c in report["split"]["counts"].items()}
     assert sorted(map(list, (g.keys() for g in groups.values()))) == [["float32"]] * 3 + [["uint8"]]
     assert report["split"]["import"]["dtype"] == {"float32": 6, "uint8": 2}
     arms = report["arms"]
-    assert set(arms) == {"pooled", "fedavg", *(f"local-site-{i}" for i in range(4))}
+    assert set(arms) == {"pooled", "fedavg", "ditto", *(f"local-site-{i}" for i in range(4))}
     for arm in arms.values():
         for metrics in arm["sites"].values():
             assert {"dice", "dice-Anterior", "dice-Posterior"} <= set(metrics)
         assert arm["held_out"]["num-examples"] == 4  # one test case per site
+    # The personalization arm: each site's personal model, beside the global model's Dice.
+    personal = [arms["ditto"]["sites"][f"site-{i}"]["personal-dice"] for i in range(4)]
+    assert arms["ditto"]["personal_mean"] == pytest.approx(np.mean(personal))
+    assert "personal_mean" not in arms["fedavg"]
+    assert sorted(p.name for p in (out / "state" / "ditto").glob("site-*/runs/*/personal-round-*.pt"))
+    assert any(g.startswith("ditto: every site's personal dice >= its local-only") for g in report["goals"])
+    assert "| ditto: personal models |" in (out / "realdata.md").read_text()
     case = source / "imagesTr" / sorted(p.name for p in (source / "imagesTr").iterdir())[0]
     original = nib.load(str(case))
     for name in ("pooled", "fedavg", "local-site-0"):
@@ -185,6 +192,18 @@ def test_hippocampus_benchmark_end_to_end(tmp_path):
         mask = nib.load(str(mask_path))
         assert mask.shape == original.shape and np.allclose(mask.affine, original.affine)
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_personal_goal_compares_each_site_with_its_local_and_global_model():
+    from bench.realdata_report import _personal_goal
+
+    arms = {"ditto": {"metric": "dice", "sites": {"site-0": {"dice": 0.80, "personal-dice": 0.85},
+                                                  "site-1": {"dice": 0.80, "personal-dice": 0.78}}},
+            "local-site-0": {"sites": {"site-0": {"dice": 0.86}}}}
+    assert _personal_goal("ditto", arms).endswith("not met (below: site-0, site-1)")  # 0.85 < local 0.86; 0.78 < 0.80
+    arms["local-site-0"]["sites"]["site-0"]["dice"] = 0.84
+    arms["ditto"]["sites"]["site-1"]["personal-dice"] = 0.80
+    assert _personal_goal("ditto", arms).endswith(": met")
 
 
 def test_skip_leaves_out_the_pooled_and_local_arms_and_refuses_unknown_names(tmp_path, capsys):
