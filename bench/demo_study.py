@@ -122,6 +122,7 @@ def run_federated(raw: dict[str, Any], n_sites: int, run_dir: Path, metric: str)
     personal = {s: last[s].get(f"personal-{metric}") for s in last}
     if all(isinstance(v, (int, float)) for v in personal.values()):  # personalization: each site's own model
         result["personal_site_dice"] = personal
+        result["personal_curve"] = [r["aggregate"].get(f"personal-{metric}") for r in evaluations]
     return result
 
 

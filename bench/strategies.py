@@ -40,6 +40,7 @@ PERSONAL = {
     "fedbn-finetune": {"strategy": "fedbn", "personalization": "finetune"},
 }
 ALL = STRATEGIES + tuple(PERSONAL)
+PERSONAL_CURVE = ": personal models"  # suffix of a personalization arm's second curve
 STRATEGY_OVERRIDES = {"fedprox": {"proximal-mu": 0.01}, "scaffold": {"optimizer": "sgd", "lr": 0.01}}
 
 
@@ -97,6 +98,16 @@ def _goals(results: dict) -> list[str]:
     ]
 
 
+def _curve_table(curves: dict[str, list]) -> str:
+    """The learning curves as a Markdown table (rows: rounds; columns: arms), for readers without the PNG."""
+    names = list(curves)
+    rows = ["| round | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for k in range(max(len(c) for c in curves.values())):
+        cells = [f"{curves[n][k]:.3f}" if k < len(curves[n]) and np.isfinite(curves[n][k]) else "-" for n in names]
+        rows.append(f"| {k + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _plot(curves: dict[str, list], target: Path) -> None:
     import matplotlib
 
@@ -105,10 +116,11 @@ def _plot(curves: dict[str, list], target: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=name)
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=name,
+                linestyle="--" if name.endswith(PERSONAL_CURVE) else "-")
     ax.set_xlabel("round")
     ax.set_ylabel("mean Dice (sites' test cases)")
-    ax.set_title("Global model per round, seed-averaged")
+    ax.set_title("Per round, seed-averaged: global models (solid), personal models (dashed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -146,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             result = federated_arm(study, out / "runs" / f"{name}-seed{seed}", **arm_overrides(name))
             per_method.setdefault(name, []).append(result)
             curves.setdefault(name, []).append(result["curve"])
+            if "personal_curve" in result:
+                curves.setdefault(name + PERSONAL_CURVE, []).append(result["personal_curve"])
             print(json.dumps({"seed": seed, "method": name, "mean_dice": result["mean_dice"]}), file=sys.stderr, flush=True)
 
     results = {m: _mean_of(runs) for m, runs in per_method.items()}
@@ -153,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: v for k, v in base.items() if k != "home"}}
     atomic_write_json(out / "strategies.json", report)
     goals = _goals(results)
+    mean_curves = {n: list(np.nanmean(np.array(c, dtype=float), axis=0)) for n, c in curves.items()}
     atomic_write_text(out / "strategies.md", "# Strategies on the demo federation\n\n" + _table(results)
-                      + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
-    _plot({n: list(np.nanmean(np.array(c, dtype=float), axis=0)) for n, c in curves.items()}, out / "learning_curves.png")
+                      + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n\n## Mean Dice per round "
+                      "(the sites' test cases, seed-averaged)\n\n" + _curve_table(mean_curves) + "\n")
+    _plot(mean_curves, out / "learning_curves.png")
     print(json.dumps(report, indent=2))
     return 0
 

@@ -45,6 +45,17 @@ def test_quick_run_reports_each_sites_personal_and_global_dice(tmp_path, capsys,
         assert r["personal_mean_dice"] == pytest.approx(expected)
     table = (tmp_path / "strategies.md").read_text()
     assert "| fedbn-ditto: personal models |" in table and "fedbn-ditto: every site's personal Dice" in table
+    # The learning curves as a table: per round, the aggregated Dice of the global and the personal models.
+    curves = [x for x in table.split("## Mean Dice per round")[1].splitlines() if x.startswith("|")]
+    assert curves[0].split("|")[1:-1] == [" round ", " fedbn-ditto ", " fedbn-ditto: personal models "]
+    evaluations = [x for x in lines if x["phase"] == "evaluate" and x.get("sites")]
+    assert len(curves) == 2 + len(evaluations)
+    for row, record in zip(curves[2:], evaluations):
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert int(cells[0]) == record["round"]
+        assert float(cells[1]) == pytest.approx(record["aggregate"]["dice"], abs=5e-4)
+        assert float(cells[2]) == pytest.approx(record["aggregate"]["personal-dice"], abs=5e-4)
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
 
 
