@@ -15,6 +15,7 @@ never a hospital (``split.json`` says so). The source folders are only read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from data_prep.nifti_writer import write_nifti
 from data_prep.site_dataset import write_dataset_json
-from fedimaging.io import atomic_write_json
+from fedimaging.io import atomic_path, atomic_write_json
 
 ADRENAL_CLASSES = {"normal": 0, "mass": 1}  # MedMNIST v2 AdrenalMNIST3D label meaning
 MEDMNIST_FIELD_OF_VIEW_MM = 64.0  # MedMNIST 3D: volumes are resized from a 64 mm cube
@@ -108,6 +109,20 @@ def build_adrenal_sites(npz: str | Path, out: str | Path, sites: int, seed: int 
     return summary
 
 
+def _seeded_site_secret(imported: Path, seed: int) -> None:
+    """Give the benchmark's import a site secret derived from ``seed`` (before ``fedimaging import``
+    would create a random one), so that the pseudonymous case names, and with them the seeded split
+    and the order of every site's cases, are the same in every run. Only for this public data set: a
+    hospital's import keeps its random secret, which is what makes its pseudonyms unlinkable."""
+    from data_prep import deid
+
+    path = deid.private_dir(imported) / deid.SECRET_FILE
+    if not path.exists():
+        secret = hashlib.sha256(f"bench.realdata hippocampus seed {seed}".encode()).hexdigest()
+        with atomic_path(path, private=True) as tmp:
+            tmp.write_text(secret + "\n")
+
+
 def build_hippocampus_sites(source: str | Path, work: str | Path, sites: int = 4, seed: int = 0,
                             test_fraction: float = 0.2, workers: int = 1) -> dict:
     """``fedimaging import`` into ``work/imported``, then ``fedimaging split --by field:dtype`` into ``work/sites``."""
@@ -115,6 +130,7 @@ def build_hippocampus_sites(source: str | Path, work: str | Path, sites: int = 4
     from data_prep.split import split_dataset
 
     work = Path(work)
+    _seeded_site_secret(work / "imported", seed)
     result = import_dataset(source, work / "imported", workers=workers)
     if result.exit_code != 0:
         raise RuntimeError(f"fedimaging import of {source} failed (exit {result.exit_code}):\n{result.table}")

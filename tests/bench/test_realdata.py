@@ -194,6 +194,26 @@ def test_hippocampus_benchmark_end_to_end(tmp_path):
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2}
 
 
+@pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason="../shared/realdata/msd_hippocampus absent")
+def test_hippocampus_sites_are_the_same_in_every_run_of_a_seed(tmp_path):
+    """The import's pseudonyms come from a seed-derived secret, so the seeded split (and each site's
+    case order) repeats; before, every run drew a random secret and so different sites."""
+    from bench.realdata_sites import build_hippocampus_sites
+
+    source = _tiny_msd(tmp_path / "msd")
+
+    def sites(work: Path, seed: int) -> dict[str, list[str]]:
+        build_hippocampus_sites(source, work, sites=4, seed=seed)
+        secret = work / "imported" / "private" / "site_secret.key"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        return {p.name: sorted(q.name for q in (p / "imagesTr").iterdir())
+                for p in sorted((work / "sites").glob("site-*"))}
+
+    first, again, other = sites(tmp_path / "a", 0), sites(tmp_path / "b", 0), sites(tmp_path / "c", 1)
+    assert first == again and len(first) == 4
+    assert first != other  # another seed: other pseudonyms
+
+
 def test_personal_goal_compares_each_site_with_its_local_and_global_model():
     from bench.realdata_report import _personal_goal
 
