@@ -36,9 +36,9 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from bench.demo_study import parse_overrides
-from bench.strategies import PERSONAL, arm_overrides
-from bench.realdata_sites import adrenal_to_nifti, build_adrenal_sites, build_hippocampus_sites  # noqa: F401
 from bench.realdata_report import goals, markdown
+from bench.realdata_sites import adrenal_to_nifti, build_adrenal_sites, build_hippocampus_sites  # noqa: F401
+from bench.strategies import PERSONAL, arm_overrides
 from fedimaging.io import atomic_path, atomic_write_json, atomic_write_text
 
 SHARED = Path(__file__).resolve().parents[1].parent

@@ -194,6 +194,7 @@ def test_hippocampus_benchmark_end_to_end(tmp_path):
         assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1, 2}
 
 
+@pytest.mark.slow  # about 10 s: three imports and splits of eight real cases
 @pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason="../shared/realdata/msd_hippocampus absent")
 def test_hippocampus_sites_are_the_same_in_every_run_of_a_seed(tmp_path):
     """The import's pseudonyms come from a seed-derived secret, so the seeded split (and each site's
