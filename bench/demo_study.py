@@ -23,6 +23,7 @@ from app.server_app import run_study
 from bench.local_grid import LocalGrid
 from data_prep.demo import UNSEEN_SITE, demo_site_names, ensure_demo_site
 from data_prep.site_dataset import load_site_dataset
+from strategies.settings import scheduled_lr
 from strategies.cross_site import UNSEEN as CROSS_SITE_UNSEEN
 from tasks import LocalTrainingOptions, Task, get_task
 from tasks.data import pooled_site_data
@@ -35,6 +36,17 @@ def parse_overrides(text: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         out[key] = value
     return out
+
+
+def train_centralised(task: Task, model: Any, data: Any, run: RunConfig, seed: int) -> None:
+    """Train ``model`` on ``data`` as one site of the study would: ``num-server-rounds`` rounds of
+    ``local-epochs`` epochs, each round at the study's scheduled learning rate with a fresh optimizer.
+
+    So a pooled or local-only arm differs from the federated arms only in whose cases it sees, not
+    in its schedule (a constant rate for all epochs gave the centralised arms a worse recipe)."""
+    for server_round in range(1, run.num_server_rounds + 1):
+        lr = scheduled_lr(run.lr, run.lr_schedule, run.num_server_rounds, server_round)
+        task.train(model, data, LocalTrainingOptions(epochs=run.local_epochs, lr=lr, seed=seed * 1000 + server_round))
 
 
 @dataclass
@@ -80,8 +92,8 @@ def pooled_arm(study: DemoStudy) -> dict[str, Any]:
     """One model on all sites' training cases (the centralised upper reference)."""
     t0 = time.perf_counter()
     model = study.task.build_model()
-    study.task.train(model, pooled_site_data([study.data[s] for s in study.sites]),
-                     LocalTrainingOptions(epochs=study.epochs, seed=study.run.seed))
+    train_centralised(study.task, model, pooled_site_data([study.data[s] for s in study.sites]), study.run,
+                      study.run.seed)
     scores = study.evaluate_everywhere(model)
     return {"site_dice": {s: scores[s] for s in study.sites}, "mean_dice": study.weighted(scores),
             "unseen_dice": scores[UNSEEN_SITE], "seconds": time.perf_counter() - t0}
@@ -93,7 +105,7 @@ def local_arm(study: DemoStudy) -> dict[str, Any]:
     matrix = {}
     for index, site in enumerate(study.sites):
         model = study.task.build_model()
-        study.task.train(model, study.data[site], LocalTrainingOptions(epochs=study.epochs, seed=study.run.seed + index + 1))
+        train_centralised(study.task, model, study.data[site], study.run, study.run.seed + index + 1)
         matrix[site] = study.evaluate_everywhere(model)
     own = {s: matrix[s][s] for s in study.sites}
     return {"site_dice": own, "mean_dice": study.weighted(own),

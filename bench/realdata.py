@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
-from bench.demo_study import parse_overrides
+from bench.demo_study import parse_overrides, train_centralised
 from bench.realdata_report import goals, markdown
 from bench.realdata_sites import adrenal_to_nifti, build_adrenal_sites, build_hippocampus_sites  # noqa: F401
 from bench.strategies import PERSONAL, arm_overrides
@@ -159,15 +159,14 @@ def _save_run(bench: Bench, arm: str, model: torch.nn.Module) -> Path:
 
 
 def centralised_arm(bench: Bench, arm: str, sites: list[str], seed: int) -> dict[str, Any]:
-    """One model trained on ``sites``' training cases for the federated arms' epochs."""
-    from tasks import LocalTrainingOptions
+    """One model trained on ``sites``' training cases at the federated arms' epochs and learning-rate schedule."""
     from tasks.data import pooled_site_data
 
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         model = bench.task.build_model()
         train = bench.data[sites[0]] if len(sites) == 1 else pooled_site_data([bench.data[s] for s in sites])
-        bench.task.train(model, train, LocalTrainingOptions(epochs=bench.epochs, seed=seed))
+        train_centralised(bench.task, model, train, bench.run, seed)
         site_metrics = {s: bench.named(bench.task.evaluate(model, bench.data[s])) for s in bench.sites}
         held_out = bench.held_out(model)
     _save_run(bench, arm, model)
