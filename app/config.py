@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config_values import ConfigError, bool_value, finite, floats, ints, patterns
+from app.config_values import ConfigError, axes, bool_value, finite, floats, ints, patterns
 from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_root
 from strategies import STRATEGY_NAMES, StrategySettings
 from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
@@ -100,6 +100,7 @@ class RunConfig:
     spacing: tuple[float, float, float] = TaskSettings.spacing
     roi_size: tuple[int, int, int] = TaskSettings.roi_size
     crops_per_case: int = TaskSettings.crops_per_case
+    mirror_axes: tuple[int, ...] = TaskSettings.mirror_axes
     channels: tuple[int, ...] = TaskSettings.channels
     num_res_units: int = TaskSettings.num_res_units
     ct_window: tuple[float, float] = TaskSettings.ct_window
@@ -147,6 +148,7 @@ class RunConfig:
             optimizer=self.optimizer,
             # DP protects a case only if a case contributes one sample per step.
             crops_per_case=1 if self.dp_enabled else self.crops_per_case,
+            mirror_axes=self.mirror_axes,
             ct_window=self.ct_window,
             channels=self.channels,
             num_res_units=self.num_res_units,
@@ -177,6 +179,7 @@ _LIST_PARSERS = {
     "ct_window": lambda k, v: floats(k, v, 2),
     "classification_size": lambda k, v: ints(k, v, 3),
     "freeze": patterns,
+    "mirror_axes": axes,
 }
 
 
@@ -269,6 +272,8 @@ def _validate(c: RunConfig) -> None:
         (all(v > 0 for v in c.spacing), "spacing", "three numbers > 0 (mm)"),
         (all(v % 8 == 0 for v in c.roi_size), "roi-size", "three multiples of 8"),
         (c.crops_per_case >= 1, "crops-per-case", ">= 1"),
+        (not c.mirror_axes or c.task == "segmentation", "mirror-axes",
+         "empty unless task is 'segmentation' (mirroring is a segmentation augmentation here)"),
         (c.classifier in CLASSIFIERS, "classifier", f"one of {CLASSIFIERS}"),
         (c.classifier_width > 0 and (c.classifier != "densenet121" or c.classifier_width == 1.0), "classifier-width",
          "> 0 (a ResNet's channel multiplier; 1.0 for densenet121)"),

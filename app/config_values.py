@@ -37,6 +37,15 @@ def ints(key: str, value: Any, n: int | None = None) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def axes(key: str, value: Any) -> tuple[int, ...]:
+    """``"0,2"`` (or a list) -> distinct spatial axes 0-2 of a RAS volume, sorted; empty = none."""
+    values = floats(key, value)
+    if any(v not in (0, 1, 2) for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"run config '{key}': expected distinct axes among 0, 1, 2 (RAS: 0 left-right, "
+                          f"1 posterior-anterior, 2 inferior-superior), got {value!r}")
+    return tuple(sorted(int(v) for v in values))
+
+
 def finite(value: Any) -> float:
     """A finite float (NaN and infinities are never a meaningful setting)."""
     if isinstance(value, (list, tuple, dict)) or value is None:

@@ -29,6 +29,7 @@ import torch
 from app.predict_input import CT_AIR_THRESHOLD
 from app.predict_model import LoadedModel, PredictError, load_model
 from fedimaging.io import atomic_directory, atomic_path, atomic_write_json, atomic_write_text
+from tasks.segmentation import mirror_flips
 from tasks.transforms import RAS_LABELS
 
 BUNDLE_VERSION = "0.1.0"
@@ -130,10 +131,24 @@ def inference_config(loaded: LoadedModel) -> dict[str, Any]:
         ],
         "run": ["$[@postprocessing(@infer(d)) for d in @dataset]"],
     }
+    if s.mirror_axes:
+        config.update(_mirrored(s.mirror_axes))
     if s.in_channels > 1:
         config.update(_multichannel(loaded))
         config.pop("input_file")
     return config
+
+
+def _mirrored(mirror_axes: tuple[int, ...]) -> dict[str, Any]:
+    """Test-time mirroring as ``SegmentationTask.predict_logits`` does it: the argmax of the softmax
+    summed over the image mirrored along every combination of ``mirror-axes``."""
+    return {
+        "mirror_flips": [list(flip) for flip in mirror_flips(mirror_axes)],
+        "infer": (
+            "$torch.no_grad()(lambda d: dict(d, pred=sum(torch.softmax(@inferer(d['image'][None].to(@device).flip(f), "
+            "@network), dim=1).flip(f) for f in @mirror_flips)[0].argmax(dim=0, keepdim=True).to(torch.uint8).cpu()))"
+        ),
+    }
 
 
 def metadata(loaded: LoadedModel, run_summary: dict[str, Any]) -> dict[str, Any]:

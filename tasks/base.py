@@ -28,6 +28,9 @@ class TaskSettings:
     lr: float = 2e-3
     optimizer: str = "adam"
     crops_per_case: int = 2
+    # RAS axes along which training crops are mirrored at random and predictions averaged over the
+    # mirrored copies (nnU-Net's mirroring); () = neither. Only where the anatomy is symmetric.
+    mirror_axes: tuple[int, ...] = ()
     ct_window: tuple[float, float] = (-150.0, 250.0)
     channels: tuple[int, ...] = (16, 32, 64, 128)
     num_res_units: int = 1

@@ -7,6 +7,7 @@ converted to mm for HD95.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -22,6 +23,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
     RandCropByPosNegLabeld,
+    RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -88,6 +90,7 @@ class SegmentationTask(Task):
                 KEYS, label_key="label", spatial_size=s.roi_size, pos=1, neg=1,
                 num_samples=s.crops_per_case, image_key="image", image_threshold=0.0,
             ),
+            *(RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in s.mirror_axes),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
             RandGaussianNoised("image", prob=0.2, std=0.03),
@@ -106,12 +109,25 @@ class SegmentationTask(Task):
 
     @torch.no_grad()
     def predict_logits(self, model: nn.Module, image: torch.Tensor, dev: torch.device | None = None) -> torch.Tensor:
-        """Sliding-window logits for a (B, C, X, Y, Z) image at task spacing (on ``dev``, default CUDA if present)."""
+        """Sliding-window logits for a (B, C, X, Y, Z) image at task spacing (on ``dev``, default CUDA if present).
+
+        With ``mirror-axes`` the image is also predicted mirrored along every combination of those
+        axes (test-time mirroring, as nnU-Net does); the result is then the log of the mean softmax
+        over the copies, which are logits whose softmax is that mean."""
         model.eval()
         dev = dev or device()
         model.to(dev)
+        image = image.to(dev)
+        if not self.settings.mirror_axes:
+            return self._sliding_window(model, image)
+        copies = mirror_flips(self.settings.mirror_axes)
+        probabilities = sum(torch.softmax(self._sliding_window(model, image.flip(flip)), dim=1).flip(flip)
+                            for flip in copies) / len(copies)
+        return torch.log(probabilities.clamp_min(1e-12))
+
+    def _sliding_window(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return sliding_window_inference(
-            image.to(dev), roi_size=self.settings.roi_size, sw_batch_size=4,
+            image, roi_size=self.settings.roi_size, sw_batch_size=4,
             predictor=model, overlap=self.settings.sw_overlap, mode="gaussian",
         )
 
@@ -150,6 +166,13 @@ class SegmentationTask(Task):
         for index, value in enumerate(per_class, start=1):
             metrics[f"dice-class{index}"] = float(value)
         return metrics
+
+
+def mirror_flips(mirror_axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The tensor dims of a (B, C, X, Y, Z) batch to flip for each test-time mirrored copy: every
+    combination of ``mirror_axes``, the unflipped image (``()``) first."""
+    dims = [axis + 2 for axis in mirror_axes]
+    return [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
 
 
 def _mean_over_cases(per_case: np.ndarray) -> np.ndarray:

@@ -33,6 +33,8 @@ def test_lists_are_parsed_once_at_the_edge():
     assert config.roi_size == (64, 64, 32)
     assert config.task_settings().channels == (8, 16)
     assert parse_run_config({"spacing": "2"}).spacing == (2.0, 2.0, 2.0)
+    assert parse_run_config({"mirror-axes": "2, 0"}).task_settings().mirror_axes == (0, 2)
+    assert parse_run_config({"mirror-axes": ""}).task_settings().mirror_axes == ()
 
 
 @pytest.mark.parametrize(
@@ -135,6 +137,12 @@ def test_round_learning_rate_decays_from_lr_to_a_tenth():
         ({"server-lr": -1}, "server-lr"),
         ({"round-timeout-s": 0}, "round-timeout-s"),
         ({"run-dir": "a\x00b"}, "run-dir"),
+        ({"mirror-axes": "3"}, "mirror-axes"),
+        ({"mirror-axes": "0,0"}, "mirror-axes"),
+        ({"mirror-axes": "-1"}, "mirror-axes"),
+        ({"mirror-axes": "0.5"}, "mirror-axes"),
+        ({"mirror-axes": "x"}, "mirror-axes"),
+        ({"mirror-axes": "0", "task": "classification"}, "mirror-axes"),
     ],
 )
 def test_values_that_would_fail_later_are_refused_now(raw, named):

@@ -99,3 +99,21 @@ def test_fedbn_export_carries_the_site_layers(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in local.items())
     assert all(torch.equal(weights[k], source[k]) for k in source if k not in local)
     assert json.loads((out / "configs/metadata.json").read_text())["federated_run"]["fedbn_site_layers"] is True
+
+
+def test_bundle_of_a_mirrored_run_mirrors_as_predict_does(seg_run, demo_mr, tmp_path):
+    from .fixtures import write_run_config
+
+    run = tmp_path / "run-mirrored"
+    write_run_config(run, **{"mirror-axes": "0,2"})
+    (run / "final_model.pt").write_bytes((seg_run / "final_model.pt").read_bytes())  # the same weights
+    out = tmp_path / "bundle-mirrored"
+    assert export_main([str(run), str(out)]) == 0
+    case = sorted((demo_mr / "imagesTs").glob("*.nii.gz"))[0]
+    bundle_run(config_file=str(out / "configs/inference.json"), bundle_root=str(out),
+               input_file=str(case), output_dir=str(tmp_path / "out"), device="$torch.device('cpu')")
+    produced = np.asanyarray(nib.load(str(sorted((tmp_path / "out").glob("*.nii.gz"))[0])).dataobj)
+    expected, _ = _predict(run, case, tmp_path / "predict-mirrored.nii.gz")
+    unmirrored, _ = _predict(seg_run, case, tmp_path / "predict-plain.nii.gz")
+    assert np.array_equal(produced, expected)
+    assert not np.array_equal(expected, unmirrored)  # mirroring changed the mask, in predict and the bundle

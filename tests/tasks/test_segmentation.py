@@ -358,3 +358,55 @@ def test_a_class_is_averaged_over_the_cases_that_contain_it():
     per_case = np.array([[0.8, np.nan], [0.6, 0.5], [1.0, np.nan]])
     np.testing.assert_allclose(_mean_over_cases(per_case), [0.8, 0.5])
     assert np.isnan(_mean_over_cases(np.array([[0.7, np.nan]]))[1])
+
+
+def _ramp_site(tmp_path: Path, cases: int = 2) -> Path:
+    """Training cases whose image rises along x and whose label covers the low-x half: a mirrored
+    crop shows a falling image with the label on the high-x half, an unmirrored one the opposite."""
+    i = np.arange(16, dtype=np.float32)[:, None, None] * np.ones((16, 16, 16), np.float32)
+    image, label = (10 * i).astype(np.int16), (i < 8).astype(np.uint8)
+    entries = []
+    for c in range(cases):
+        _nifti(tmp_path / "imagesTr" / f"c{c}_0000.nii.gz", image, np.eye(4))
+        _nifti(tmp_path / "labelsTr" / f"c{c}.nii.gz", label, np.eye(4))
+        entries.append({"image": f"imagesTr/c{c}_0000.nii.gz", "label": f"labelsTr/c{c}.nii.gz"})
+    meta = {"name": "ramp", "channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+            "training": entries, "test": []}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+@pytest.mark.parametrize("mirror_axes", [(), (0,)])
+def test_mirror_axes_flip_image_and_label_together_in_training_crops(tmp_path, mirror_axes):
+    task = SegmentationTask(TaskSettings(spacing=(1.0, 1.0, 1.0), ct_window=(0.0, 200.0), mirror_axes=mirror_axes,
+                                         **{**TINY, "crops_per_case": 1}))
+    site = task.prepare_site(load_site_dataset(_ramp_site(tmp_path)))
+    orientations = []
+    for seed in range(12):
+        site.reseed(seed)
+        crop = site.train[0][0]
+        image, label = crop["image"][0].numpy(), crop["label"][0].numpy()
+        rising = image[-1].mean() > image[0].mean()
+        # the label stays on the image's low side whichever way the crop was mirrored
+        assert label[0].mean() == (1.0 if rising else 0.0) and label[-1].mean() == (0.0 if rising else 1.0)
+        orientations.append(rising)
+    assert set(orientations) == ({True, False} if mirror_axes else {True})
+
+
+def test_test_time_mirroring_averages_the_softmax_of_the_mirrored_predictions():
+    plain = SegmentationTask(TaskSettings(**TINY))
+    mirrored = SegmentationTask(TaskSettings(mirror_axes=(0, 2), **TINY))
+    model = plain.build_model()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    image = torch.randn(1, 1, 24, 16, 20, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    expected = torch.zeros(1, 3, 24, 16, 20)
+    for dims in ([], [2], [4], [2, 4]):  # independent: each copy by hand through the unmirrored task
+        expected += torch.softmax(plain.predict_logits(model, image.flip(dims), cpu), dim=1).flip(dims) / 4
+    got = torch.softmax(mirrored.predict_logits(model, image, cpu), dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    unmirrored = torch.softmax(plain.predict_logits(model, image, cpu), dim=1)
+    assert (got - unmirrored).abs().max() > 1e-3  # the copies do change the prediction
