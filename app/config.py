@@ -27,7 +27,7 @@ from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_ro
 from strategies import STRATEGY_NAMES, StrategySettings
 from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
 from strategies.settings import LR_SCHEDULES
-from tasks import CLASSIFIERS, TASK_NAMES
+from tasks import CLASSIFIER_NORMS, CLASSIFIERS, TASK_NAMES
 from tasks.base import TaskSettings
 from tasks.training import OPTIMIZERS
 
@@ -109,6 +109,7 @@ class RunConfig:
     in_channels: int = TaskSettings.in_channels
     classifier: str = TaskSettings.classifier
     classifier_width: float = TaskSettings.classifier_width
+    classifier_norm: str = TaskSettings.classifier_norm
     classification_size: tuple[int, int, int] = TaskSettings.classification_size
 
     @property
@@ -156,6 +157,7 @@ class RunConfig:
             in_channels=self.in_channels,
             classifier=self.classifier,
             classifier_width=self.classifier_width,
+            classifier_norm=self.classifier_norm,
             classification_size=self.classification_size,
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
@@ -277,6 +279,9 @@ def _validate(c: RunConfig) -> None:
         (c.classifier in CLASSIFIERS, "classifier", f"one of {CLASSIFIERS}"),
         (c.classifier_width > 0 and (c.classifier != "densenet121" or c.classifier_width == 1.0), "classifier-width",
          "> 0 (a ResNet's channel multiplier; 1.0 for densenet121)"),
+        (c.classifier_norm in CLASSIFIER_NORMS, "classifier-norm", one_of(CLASSIFIER_NORMS)),
+        (c.classifier_norm == "batch" or c.task == "classification", "classifier-norm",
+         "'batch' unless task is 'classification' (the segmentation UNet uses instance norm)"),
         (c.evaluate_every >= 0, "evaluate-every", ">= 0 (0 = only after the last round)"),
         (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),

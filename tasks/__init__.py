@@ -8,6 +8,9 @@ from tasks.training import make_optimizer
 
 TASK_NAMES = ("segmentation", "classification")
 CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34")  # tasks.classification builds them
+# "group": the network DP-SGD trains (Opacus' fix, BatchNorm -> GroupNorm), also without DP, so that a study
+# without DP can be compared with a DP study on the same network
+CLASSIFIER_NORMS = ("batch", "group")
 
 
 def get_task(name: str, settings: TaskSettings) -> Task:
@@ -25,5 +28,5 @@ def get_task(name: str, settings: TaskSettings) -> Task:
 
 # What the ClientApp uses: the task registry, its settings and options, the site data cache,
 # the training device and the optimizer a DP session is built with.
-__all__ = ["CLASSIFIERS", "LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES",
+__all__ = ["CLASSIFIER_NORMS", "CLASSIFIERS", "LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES",
            "device", "get_task", "make_optimizer"]

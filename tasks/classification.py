@@ -138,7 +138,7 @@ class ClassificationTask(Task):
         torch.manual_seed(self.settings.seed)
         s = self.settings
         model = build_classifier(s.classifier, s.in_channels, self.num_classes, s.classifier_width, self.architecture)
-        if self.settings.dp_compatible:
+        if self.settings.dp_compatible or s.classifier_norm == "group":
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 
             model = make_dp_compatible(model)

@@ -57,6 +57,17 @@ def test_dp_compatible_model_has_no_batchnorm():
     assert model.class_layers.out.out_features == 2
 
 
+def test_group_norm_without_dp_is_the_network_a_dp_study_trains():
+    settings = dict(classifier="resnet10", classifier_width=0.125)
+    group = ClassificationTask(TaskSettings(classifier_norm="group", **settings)).build_model()
+    dp = ClassificationTask(TaskSettings(dp_compatible=True, **settings)).build_model()
+    batch = ClassificationTask(TaskSettings(**settings)).build_model()
+    assert not _batchnorms(group) and is_dp_compatible(group) and _batchnorms(batch)
+    a, b = group.state_dict(), dp.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # same layers, same initial weights
+    assert [type(m) for m in group.modules()] == [type(m) for m in dp.modules()]
+
+
 def test_dp_compatible_model_is_the_same_at_the_server_and_every_site():
     task = ClassificationTask(TaskSettings(dp_compatible=True, **SMALL), architecture=TINY_NET)
     server, site = task.build_model(), task.build_model()
