@@ -113,9 +113,29 @@ def test_adrenal_benchmark_end_to_end(tmp_path):
     report = json.loads((out / "realdata.json").read_text())
     arms = report["arms"]
     local = [a for a in arms if a.startswith("local-")]
-    assert set(arms) == {"pooled", "fedavg", "fedavg-dp8", *local} and len(local) == 1
+    control = realdata.DP_CONTROL
+    assert set(arms) == {"pooled", "fedavg", control, "fedavg-dp8", *local} and len(local) == 1
     assert report["local_arms_sampled"] and report["simulated_sites"]
     assert arms["fedavg-dp8"]["dp_epsilon_spent_max"] == pytest.approx(8.0, abs=0.05)
+    assert "dp_epsilon_spent_max" not in arms[control]
+    # the DP recipe (a fixed random encoder, a trained head) in the DP arm and its control, not elsewhere
+    assert report["dp_settings"] == {**realdata.parse_overrides(realdata.DP_RECIPE), "classifier-width": 0.125}
+    assert report["dp_settings"]["classifier-norm"] == "group" and report["dp_settings"]["freeze"] == "encoder"
+    configs = {a: json.loads((out / "runs" / a / "run_config.json").read_text()) for a in arms}
+    assert configs["fedavg-dp8"]["freeze"] == configs[control]["freeze"] == ["encoder"]
+    assert configs["fedavg"]["freeze"] == [] and configs["fedavg-dp8"]["dp-epsilon"] == 8.0
+    assert configs[control]["dp-epsilon"] == 0.0 and configs[control]["lr"] == configs["fedavg-dp8"]["lr"] == 0.01
+    from app.config import parse_run_config
+    from tasks import get_task
+    fresh = get_task("classification", parse_run_config(
+        {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in configs["fedavg-dp8"].items()
+         if not k.startswith("_")}).task_settings()).build_model().state_dict()
+    for arm in ("fedavg-dp8", control):
+        trained = torch.load(out / "runs" / arm / "final_model.pt", weights_only=True)
+        changed = {k for k, v in trained.items() if not torch.equal(v, fresh[k])}
+        assert changed and all(k.startswith("fc.") for k in changed), changed  # only the head trained
+    goal = next(g for g in report["goals"] if g.startswith("fedavg-dp8"))
+    assert f"same recipe without DP ({control})" in goal
     for arm in arms.values():
         assert set(arm["sites"]) == {"site-0", "site-1"} and arm["peak_rss_mb"] > 0 and arm["seconds"] > 0
         assert arm["held_out"]["num-examples"] == 8
