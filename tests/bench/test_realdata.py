@@ -109,7 +109,8 @@ def _quick_adrenal(tmp_path: Path, n_train: int, n_val: int, *args: str) -> Path
 
 @pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet
 def test_adrenal_benchmark_end_to_end(tmp_path):
-    out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8")
+    dp_recipe = "classifier-width=0.25 classifier-norm=group freeze=encoder lr=0.01"
+    out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8", "--dp-run-config", dp_recipe)
     report = json.loads((out / "realdata.json").read_text())
     arms = report["arms"]
     local = [a for a in arms if a.startswith("local-")]
@@ -119,8 +120,8 @@ def test_adrenal_benchmark_end_to_end(tmp_path):
     assert arms["fedavg-dp8"]["dp_epsilon_spent_max"] == pytest.approx(8.0, abs=0.05)
     assert "dp_epsilon_spent_max" not in arms[control]
     # the DP recipe (a fixed random encoder, a trained head) in the DP arm and its control, not elsewhere
-    assert report["dp_settings"] == {**realdata.parse_overrides(realdata.DP_RECIPE), "classifier-width": 0.125}
-    assert report["dp_settings"]["classifier-norm"] == "group" and report["dp_settings"]["freeze"] == "encoder"
+    # the smoke run's tiny width wins over the DP recipe's; the rest of the recipe is the DP arm's
+    assert report["dp_settings"] == {**realdata.parse_overrides(dp_recipe), "classifier-width": 0.125}
     configs = {a: json.loads((out / "runs" / a / "run_config.json").read_text()) for a in arms}
     assert configs["fedavg-dp8"]["freeze"] == configs[control]["freeze"] == ["encoder"]
     assert configs["fedavg"]["freeze"] == [] and configs["fedavg-dp8"]["dp-epsilon"] == 8.0
@@ -260,3 +261,9 @@ def test_skip_leaves_out_the_pooled_and_local_arms_and_refuses_unknown_names(tmp
             realdata.main(["adrenal", "--data", str(npz), "--out", str(tmp_path / "x"), "--dp-epsilon", "0", *bad])
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_dp_run_config_is_refused_for_the_hippocampus_benchmark(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        realdata.main(["hippocampus", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--dp-run-config", "lr=1"])
+    assert "--dp-run-config is for the adrenal benchmark" in capsys.readouterr().err
