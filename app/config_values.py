@@ -38,12 +38,17 @@ def ints(key: str, value: Any, n: int | None = None) -> tuple[int, ...]:
 
 
 def axes(key: str, value: Any) -> tuple[int, ...]:
-    """``"0,2"`` (or a list) -> distinct spatial axes 0-2 of a RAS volume, sorted; empty = none."""
-    values = floats(key, value)
-    if any(v not in (0, 1, 2) for v in values) or len(set(values)) != len(values):
+    """``"0,2"`` (or a list) -> distinct spatial axes 0-2 of a RAS volume, sorted; empty = none.
+
+    Only the digits 0, 1, 2 (or TOML integers) count: ``true`` or ``1.0`` is a typo, never an axis.
+    """
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    texts = [str(v).strip() for v in items if isinstance(v, bool) or str(v).strip()]
+    ok = all(not isinstance(v, bool) for v in items) and all(t in ("0", "1", "2") for t in texts)
+    if not ok or len(set(texts)) != len(texts):
         raise ConfigError(f"run config '{key}': expected distinct axes among 0, 1, 2 (RAS: 0 left-right, "
                           f"1 posterior-anterior, 2 inferior-superior), got {value!r}")
-    return tuple(sorted(int(v) for v in values))
+    return tuple(sorted(int(t) for t in texts))
 
 
 def finite(value: Any) -> float:

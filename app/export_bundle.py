@@ -171,6 +171,9 @@ def metadata(loaded: LoadedModel, run_summary: dict[str, Any]) -> dict[str, Any]
             f"{run_summary.get('sites', '?')} sites). Intensities: CT clipped to {list(s.ct_window)} HU and scaled "
             "to [0, 1]; MR z-scored over non-zero voxels. Resampled to RAS at the training spacing; the mask "
             "is written back on the input grid."
+            + (f" Test-time mirroring: the softmax is averaged over the image mirrored along every combination "
+               f"of RAS axes {list(s.mirror_axes)} (run config mirror-axes) before the argmax."
+               if s.mirror_axes else "")
         ),
         "authors": "fedimaging",
         "copyright": "see the training sites' data agreements",
@@ -216,6 +219,14 @@ def _run_summary(loaded: LoadedModel) -> dict[str, Any]:
     return out
 
 
+def _tta(mirror_axes: tuple[int, ...]) -> str:
+    """The README's words for test-time mirroring (nothing when the run had none)."""
+    if not mirror_axes:
+        return ""
+    return (f", the softmax averaged over the image mirrored along every combination of RAS axes "
+            f"{list(mirror_axes)} ({len(mirror_flips(mirror_axes))} passes: the run's `mirror-axes`)")
+
+
 def readme(loaded: LoadedModel, summary: dict[str, Any]) -> str:
     fedbn = (
         "\nThis is a FedBN model: the normalisation layers in `models/model.pt` are one site's own "
@@ -256,7 +267,7 @@ From Python: `monai.bundle.run(config_file="configs/inference.json", bundle_root
 
 Load, channel-first, reorient to RAS, resample to {list(loaded.task.settings.spacing)} mm, normalise
 intensities, sliding-window inference (ROI {list(loaded.task.settings.roi_size)}, Gaussian blending,
-overlap {loaded.task.settings.sw_overlap}), argmax, then invert the reorientation and resampling with
+overlap {loaded.task.settings.sw_overlap}){_tta(loaded.task.settings.mirror_axes)}, argmax, then invert the reorientation and resampling with
 nearest-neighbour interpolation: the uint8 label map has the input's shape and affine. This is exactly
 what `fedimaging predict` does. A DICOM series must first be converted (`fedimaging prep`, or
 `fedimaging predict`, which reads DICOM directly).

@@ -243,8 +243,11 @@ def run_benchmark(kind: str, out: Path, data: Path, sites: int, strategies: list
            "home": str(out / "home"), "cross-site": False, **overrides}
     bench = prepare(kind, out, raw)
     dp_overrides = dict(dp_overrides or {})
-    if quick:  # the smoke run's tiny settings win over the DP recipe's where both set a key
-        dp_overrides.update({k: v for k, v in QUICK[kind].items() if k in dp_overrides})
+    if quick:  # the smoke run's settings (after --run-config) win over the DP recipe's where both set a key
+        dp_overrides.update({k: raw[k] for k in QUICK[kind] if k in dp_overrides})
+    if dp_overrides and RECIPES[kind]["task"] == "classification":
+        # DP-SGD always trains the GroupNorm network; the control arm must train the same one
+        dp_overrides.setdefault("classifier-norm", "group")
     arms: dict[str, dict] = {}
 
     def record(arm: str, result: dict) -> None:
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     dp_overrides = parse_overrides(DP_RECIPE if args.dp_run_config is None else args.dp_run_config)
     if args.kind == "hippocampus" and args.dp_run_config:
         parser.error("--dp-run-config is for the adrenal benchmark")
+    if args.dp_run_config and dp <= 0:
+        parser.error(f"--dp-run-config sets the DP arm, which --dp-epsilon {dp:g} leaves out")
     report = run_benchmark(args.kind, args.out, data, sites, strategies, args.local_sites, args.seed, dp,
                            args.quick, parse_overrides(args.run_config), args.max_cases, skip,
                            dp_overrides if dp > 0 else {})

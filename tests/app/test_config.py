@@ -35,6 +35,8 @@ def test_lists_are_parsed_once_at_the_edge():
     assert parse_run_config({"spacing": "2"}).spacing == (2.0, 2.0, 2.0)
     assert parse_run_config({"mirror-axes": "2, 0"}).task_settings().mirror_axes == (0, 2)
     assert parse_run_config({"mirror-axes": ""}).task_settings().mirror_axes == ()
+    assert parse_run_config({"mirror-axes": [2, 1]}).task_settings().mirror_axes == (1, 2)
+    assert parse_run_config({"mirror-axes": 0}).task_settings().mirror_axes == (0,)
 
 
 @pytest.mark.parametrize(
@@ -142,6 +144,10 @@ def test_round_learning_rate_decays_from_lr_to_a_tenth():
         ({"mirror-axes": "-1"}, "mirror-axes"),
         ({"mirror-axes": "0.5"}, "mirror-axes"),
         ({"mirror-axes": "x"}, "mirror-axes"),
+        ({"mirror-axes": True}, "mirror-axes"),
+        ({"mirror-axes": "true"}, "mirror-axes"),
+        ({"mirror-axes": "1.0"}, "mirror-axes"),
+        ({"mirror-axes": [0, True]}, "mirror-axes"),
         ({"mirror-axes": "0", "task": "classification"}, "mirror-axes"),
         ({"classifier-norm": "layer", "task": "classification"}, "classifier-norm"),
         ({"classifier-norm": "group"}, "classifier-norm"),  # the segmentation task

@@ -109,7 +109,7 @@ def _quick_adrenal(tmp_path: Path, n_train: int, n_val: int, *args: str) -> Path
 
 @pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet
 def test_adrenal_benchmark_end_to_end(tmp_path):
-    dp_recipe = "classifier-width=0.25 classifier-norm=group freeze=encoder lr=0.01"
+    dp_recipe = "classifier-width=0.25 freeze=encoder lr=0.01"  # classifier-norm=group comes by itself
     out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8", "--dp-run-config", dp_recipe)
     report = json.loads((out / "realdata.json").read_text())
     arms = report["arms"]
@@ -121,10 +121,13 @@ def test_adrenal_benchmark_end_to_end(tmp_path):
     assert "dp_epsilon_spent_max" not in arms[control]
     # the DP recipe (a fixed random encoder, a trained head) in the DP arm and its control, not elsewhere
     # the smoke run's tiny width wins over the DP recipe's; the rest of the recipe is the DP arm's
-    assert report["dp_settings"] == {**realdata.parse_overrides(dp_recipe), "classifier-width": 0.125}
+    assert report["dp_settings"] == {**realdata.parse_overrides(dp_recipe), "classifier-width": 0.125,
+                                     "classifier-norm": "group"}
     configs = {a: json.loads((out / "runs" / a / "run_config.json").read_text()) for a in arms}
     assert configs["fedavg-dp8"]["freeze"] == configs[control]["freeze"] == ["encoder"]
     assert configs["fedavg"]["freeze"] == [] and configs["fedavg-dp8"]["dp-epsilon"] == 8.0
+    # the control trains DP-SGD's GroupNorm network, not FedAvg's BatchNorm one
+    assert configs[control]["classifier-norm"] == "group" and configs["fedavg"]["classifier-norm"] == "batch"
     assert configs[control]["dp-epsilon"] == 0.0 and configs[control]["lr"] == configs["fedavg-dp8"]["lr"] == 0.01
     from app.config import parse_run_config
     from tasks import get_task
@@ -267,3 +270,8 @@ def test_dp_run_config_is_refused_for_the_hippocampus_benchmark(tmp_path, capsys
     with pytest.raises(SystemExit):
         realdata.main(["hippocampus", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--dp-run-config", "lr=1"])
     assert "--dp-run-config is for the adrenal benchmark" in capsys.readouterr().err
+    npz = _npz(tmp_path / "adrenal.npz", 4, 2)
+    with pytest.raises(SystemExit):  # a DP recipe without a DP arm is a mistake, not a no-op
+        realdata.main(["adrenal", "--data", str(npz), "--out", str(tmp_path / "y"), "--dp-epsilon", "0",
+                       "--dp-run-config", "lr=1"])
+    assert "--dp-epsilon 0 leaves out" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -117,3 +117,10 @@ def test_bundle_of_a_mirrored_run_mirrors_as_predict_does(seg_run, demo_mr, tmp_
     unmirrored, _ = _predict(seg_run, case, tmp_path / "predict-plain.nii.gz")
     assert np.array_equal(produced, expected)
     assert not np.array_equal(expected, unmirrored)  # mirroring changed the mask, in predict and the bundle
+    # a reader of the bundle learns that it mirrors, along which axes, and how many passes it costs
+    assert "RAS axes [0, 2] (4 passes" in (out / "docs" / "README.md").read_text()
+    assert "mirrored along every combination of RAS axes [0, 2]" in json.loads(
+        (out / "configs/metadata.json").read_text())["description"]
+    plain = tmp_path / "bundle-plain"
+    assert export_main([str(seg_run), str(plain)]) == 0
+    assert "mirror" not in (plain / "docs" / "README.md").read_text()
