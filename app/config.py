@@ -27,7 +27,7 @@ from fedimaging.home import demo_root, fedimaging_home, runs_root, site_state_ro
 from strategies import STRATEGY_NAMES, StrategySettings
 from strategies.central_dp import CENTRAL_DP_MODES, CENTRAL_DP_STRATEGIES
 from strategies.settings import LR_SCHEDULES
-from tasks import CLASSIFIER_NORMS, CLASSIFIERS, TASK_NAMES
+from tasks import CLASSIFIER_FEATURE_NORMS, CLASSIFIER_NORMS, CLASSIFIERS, TASK_NAMES
 from tasks.base import TaskSettings
 from tasks.training import OPTIMIZERS
 
@@ -110,6 +110,7 @@ class RunConfig:
     classifier: str = TaskSettings.classifier
     classifier_width: float = TaskSettings.classifier_width
     classifier_norm: str = TaskSettings.classifier_norm
+    classifier_feature_norm: str = TaskSettings.classifier_feature_norm
     classification_size: tuple[int, int, int] = TaskSettings.classification_size
 
     @property
@@ -158,6 +159,7 @@ class RunConfig:
             classifier=self.classifier,
             classifier_width=self.classifier_width,
             classifier_norm=self.classifier_norm,
+            classifier_feature_norm=self.classifier_feature_norm,
             classification_size=self.classification_size,
             # Central DP clips and noises every array: no BatchNorm statistics or integer counters.
             dp_compatible=self.dp_enabled or self.central_dp != "off",
@@ -282,6 +284,10 @@ def _validate(c: RunConfig) -> None:
         (c.classifier_norm in CLASSIFIER_NORMS, "classifier-norm", one_of(CLASSIFIER_NORMS)),
         (c.classifier_norm == "batch" or c.task == "classification", "classifier-norm",
          "'batch' unless task is 'classification' (the segmentation UNet uses instance norm)"),
+        (c.classifier_feature_norm in CLASSIFIER_FEATURE_NORMS, "classifier-feature-norm",
+         one_of(CLASSIFIER_FEATURE_NORMS)),
+        (c.classifier_feature_norm == "none" or c.task == "classification", "classifier-feature-norm",
+         "'none' unless task is 'classification'"),
         (c.evaluate_every >= 0, "evaluate-every", ">= 0 (0 = only after the last round)"),
         (c.disk_cache_mb >= 0, "disk-cache-mb", ">= 0 (0 = no preprocessed cache on disk)"),
         (c.in_channels >= 1, "in-channels", ">= 1 (the image channels of every site's dataset)"),

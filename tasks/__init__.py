@@ -11,6 +11,9 @@ CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34")  # tasks.class
 # "group": the network DP-SGD trains (Opacus' fix, BatchNorm -> GroupNorm), also without DP, so that a study
 # without DP can be compared with a DP study on the same network
 CLASSIFIER_NORMS = ("batch", "group")
+# "layer": each case's pooled features standardised across its features before the linear head
+# (tasks.classification.FeatureStandardisation), which DP-SGD on a fixed encoder needs
+CLASSIFIER_FEATURE_NORMS = ("none", "layer")
 
 
 def get_task(name: str, settings: TaskSettings) -> Task:
@@ -28,5 +31,5 @@ def get_task(name: str, settings: TaskSettings) -> Task:
 
 # What the ClientApp uses: the task registry, its settings and options, the site data cache,
 # the training device and the optimizer a DP session is built with.
-__all__ = ["CLASSIFIER_NORMS", "CLASSIFIERS", "LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES",
+__all__ = ["CLASSIFIER_FEATURE_NORMS", "CLASSIFIER_NORMS", "CLASSIFIERS", "LocalTrainingOptions", "SiteDataCache", "Task", "TaskSettings", "TrainResult", "TASK_NAMES",
            "device", "get_task", "make_optimizer"]

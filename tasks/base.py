@@ -40,6 +40,7 @@ class TaskSettings:
     classifier: str = "densenet121"  # tasks.classification.CLASSIFIERS
     classifier_width: float = 1.0  # ResNet channel multiplier (MONAI widen_factor)
     classifier_norm: str = "batch"  # "group": BatchNorm replaced by GroupNorm, as DP-SGD needs (also without DP)
+    classifier_feature_norm: str = "none"  # "layer": per-case standardised features into the head
     dp_compatible: bool = False  # model built without BatchNorm (Opacus)
     in_channels: int = 1  # image channels (dataset.json channel_names); every site must agree
     seed: int = 42

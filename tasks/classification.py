@@ -61,6 +61,29 @@ class DPSafeResNetBlock(ResNetBlock):
 CLASSIFIERS = ("densenet121", *RESNETS)
 
 
+class FeatureStandardisation(nn.Module):
+    """Each case's pooled feature vector shifted and scaled to mean 0, variance 1 across its features
+    (LayerNorm without weights; run config ``classifier-feature-norm=layer``).
+
+    Why: the pooled features of a fixed (frozen, e.g. random) encoder share a large common offset, so
+    the linear head's per-case gradients point mostly along it; DP-SGD clips each case's gradient to a
+    fixed norm and then spends it there, not on what tells the classes apart. Per case, so it mixes no
+    cases (DP-SGD's per-sample gradients stay per sample) and keeps no statistics a site would share.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[1:])
+
+
+def standardise_features(model: nn.Module) -> nn.Module:
+    """Insert :class:`FeatureStandardisation` just before the final linear layer (no parameter renamed)."""
+    if isinstance(model, DenseNet121):
+        model.class_layers.flatten = nn.Sequential(model.class_layers.flatten, FeatureStandardisation())
+    else:
+        model.avgpool = nn.Sequential(model.avgpool, FeatureStandardisation())
+    return model
+
+
 def build_classifier(name: str, in_channels: int, num_classes: int, width: float = 1.0,
                      architecture: dict[str, Any] | None = None) -> nn.Module:
     """The MONAI network called ``name`` (3D, untrained; nothing is downloaded).
@@ -142,6 +165,8 @@ class ClassificationTask(Task):
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 
             model = make_dp_compatible(model)
+        if s.classifier_feature_norm == "layer":
+            model = standardise_features(model)
         return self._frozen(model)
 
     def encoder_names(self, model: nn.Module) -> frozenset[str]:

@@ -151,6 +151,8 @@ def test_round_learning_rate_decays_from_lr_to_a_tenth():
         ({"mirror-axes": "0", "task": "classification"}, "mirror-axes"),
         ({"classifier-norm": "layer", "task": "classification"}, "classifier-norm"),
         ({"classifier-norm": "group"}, "classifier-norm"),  # the segmentation task
+        ({"classifier-feature-norm": "batch", "task": "classification"}, "classifier-feature-norm"),
+        ({"classifier-feature-norm": "layer"}, "classifier-feature-norm"),  # the segmentation task
     ],
 )
 def test_values_that_would_fail_later_are_refused_now(raw, named):

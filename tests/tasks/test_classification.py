@@ -257,3 +257,30 @@ def test_prepare_site_refuses_wrong_datasets(tmp_path, demo_site):
     with pytest.raises(ValueError, match="2 outputs"):
         ClassificationTask(TaskSettings(**SMALL)).prepare_site(three)
     assert ClassificationTask(TaskSettings(**SMALL), num_classes=3).prepare_site(three).test is not None
+
+
+@pytest.mark.parametrize("classifier,width", [("resnet10", 0.125), ("densenet121", 1.0)])
+def test_feature_norm_feeds_the_head_standardised_features(classifier, width):
+    settings = dict(classifier=classifier, classifier_width=width, classifier_norm="group")
+    plain = ClassificationTask(TaskSettings(**settings), **({"architecture": TINY_NET} if classifier == "densenet121" else {}))
+    normed = ClassificationTask(TaskSettings(classifier_feature_norm="layer", **settings),
+                                **({"architecture": TINY_NET} if classifier == "densenet121" else {}))
+    a, b = plain.build_model(), normed.build_model()
+    assert is_dp_compatible(b)  # Opacus validates a model in training mode
+    a, b = a.eval(), b.eval()
+    assert list(a.state_dict()) == list(b.state_dict())  # no parameter renamed: weights load either way
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    head = [m for m in b.modules() if isinstance(m, nn.Linear)][-1]
+    seen = {}
+    head.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0].detach()))
+    plain_head = [m for m in a.modules() if isinstance(m, nn.Linear)][-1]
+    plain_head.register_forward_pre_hook(lambda _m, args: seen.setdefault("raw", args[0].detach()))
+    x = torch.rand(3, 1, 32, 32, 32)
+    with torch.no_grad():
+        a(x), b(x)
+    raw = seen["raw"].double()
+    expected = (raw - raw.mean(1, keepdim=True)) / torch.sqrt(raw.var(1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(seen["x"].double(), expected, atol=1e-4)  # each case on its own, numpy-style
+    if classifier != "densenet121":  # the tiny DenseNet's random features are ~1e-6, below LayerNorm's eps
+        assert torch.allclose(seen["x"].var(1, unbiased=False), torch.ones(3), atol=1e-3)
+        assert raw.mean(1).min() > 0.01  # the offset that was removed
