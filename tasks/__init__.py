@@ -7,7 +7,7 @@ from tasks.data import SiteDataCache
 from tasks.training import make_optimizer
 
 TASK_NAMES = ("segmentation", "classification")
-CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34")  # tasks.classification builds them
+CLASSIFIERS = ("densenet121", "resnet10", "resnet18", "resnet34", "shape-descriptors")  # tasks.classification builds them
 # "group": the network DP-SGD trains (Opacus' fix, BatchNorm -> GroupNorm), also without DP, so that a study
 # without DP can be compared with a DP study on the same network
 CLASSIFIER_NORMS = ("batch", "group")

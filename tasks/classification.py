@@ -3,7 +3,8 @@
 The network is run config ``classifier``: MONAI's DenseNet121 (default) or one of MONAI's 3D
 ResNets (``resnet10``/``resnet18``/``resnet34``, the family of MedMNIST's 3D baselines), whose
 channel widths scale with ``classifier-width`` (MONAI's ``widen_factor``), so that small volumes
-train in minutes on a CPU.
+train in minutes on a CPU; or ``shape-descriptors`` (``tasks.shape_descriptors``: fixed shape
+descriptors of a mask and a linear head, the classifier for DP-SGD on mask inputs).
 
 Each case (one volume, one class index) is reoriented to RAS, resampled to the task spacing,
 normalised like segmentation, then centre padded/cropped to ``classification_size``: padding and
@@ -37,6 +38,7 @@ from torch.nn import functional as F
 from data_prep.site_dataset import DatasetError, SiteDataset
 from tasks.base import LocalTrainingOptions, Task, TaskSettings, TrainResult, device
 from tasks.data import SiteData, check_channels, prepare_site_data
+from tasks.shape_descriptors import ShapeDescriptorClassifier
 from tasks.training import train_round
 from tasks.transforms import preprocessing
 
@@ -58,7 +60,8 @@ class DPSafeResNetBlock(ResNetBlock):
         return self.act(self.bn2(self.conv2(out)) + residual)
 
 
-CLASSIFIERS = ("densenet121", *RESNETS)
+SHAPE_DESCRIPTORS = "shape-descriptors"  # tasks.shape_descriptors: fixed descriptors, trained linear head
+CLASSIFIERS = ("densenet121", *RESNETS, SHAPE_DESCRIPTORS)
 
 
 class FeatureStandardisation(nn.Module):
@@ -77,7 +80,9 @@ class FeatureStandardisation(nn.Module):
 
 def standardise_features(model: nn.Module) -> nn.Module:
     """Insert :class:`FeatureStandardisation` just before the final linear layer (no parameter renamed)."""
-    if isinstance(model, DenseNet121):
+    if isinstance(model, ShapeDescriptorClassifier):
+        model.descriptors = nn.Sequential(model.descriptors, FeatureStandardisation())
+    elif isinstance(model, DenseNet121):
         model.class_layers.flatten = nn.Sequential(model.class_layers.flatten, FeatureStandardisation())
     else:
         model.avgpool = nn.Sequential(model.avgpool, FeatureStandardisation())
@@ -85,12 +90,19 @@ def standardise_features(model: nn.Module) -> nn.Module:
 
 
 def build_classifier(name: str, in_channels: int, num_classes: int, width: float = 1.0,
-                     architecture: dict[str, Any] | None = None) -> nn.Module:
-    """The MONAI network called ``name`` (3D, untrained; nothing is downloaded).
+                     architecture: dict[str, Any] | None = None,
+                     spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> nn.Module:
+    """The MONAI network called ``name`` (3D, untrained; nothing is downloaded), or the shape descriptors' head.
 
     ``width`` multiplies a ResNet's channels (1.0 = 64, 128, 256, 512); DenseNet121 has fixed
     widths (``architecture`` overrides its ``init_features``/``growth_rate``/``block_config``).
+    ``spacing`` (mm) puts ``shape-descriptors`` in millimetres.
     """
+    if name == SHAPE_DESCRIPTORS:
+        if width != 1.0 or architecture:
+            raise ValueError(f"{SHAPE_DESCRIPTORS} has no width or architecture to set (classifier-width 1.0), "
+                             f"got width {width}")
+        return ShapeDescriptorClassifier(in_channels, num_classes, spacing)
     if name == "densenet121":
         if width != 1.0:
             raise ValueError(f"classifier-width applies to the ResNets only; densenet121 needs 1.0, got {width}")
@@ -160,7 +172,8 @@ class ClassificationTask(Task):
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.settings.seed)
         s = self.settings
-        model = build_classifier(s.classifier, s.in_channels, self.num_classes, s.classifier_width, self.architecture)
+        model = build_classifier(s.classifier, s.in_channels, self.num_classes, s.classifier_width, self.architecture,
+                                 spacing=s.spacing)
         if self.settings.dp_compatible or s.classifier_norm == "group":
             from privacy.engine import make_dp_compatible  # BatchNorm -> GroupNorm, same everywhere
 

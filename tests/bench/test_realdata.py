@@ -107,10 +107,9 @@ def _quick_adrenal(tmp_path: Path, n_train: int, n_val: int, *args: str) -> Path
     return out
 
 
-@pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet
+@pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet and shape descriptors
 def test_adrenal_benchmark_end_to_end(tmp_path):
-    dp_recipe = "classifier-width=0.25 freeze=encoder lr=0.01"  # classifier-norm=group comes by itself
-    out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8", "--dp-run-config", dp_recipe)
+    out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8")  # the default DP recipe
     report = json.loads((out / "realdata.json").read_text())
     arms = report["arms"]
     local = [a for a in arms if a.startswith("local-")]
@@ -119,16 +118,16 @@ def test_adrenal_benchmark_end_to_end(tmp_path):
     assert report["local_arms_sampled"] and report["simulated_sites"]
     assert arms["fedavg-dp8"]["dp_epsilon_spent_max"] == pytest.approx(8.0, abs=0.05)
     assert "dp_epsilon_spent_max" not in arms[control]
-    # the DP recipe (a fixed random encoder, a trained head) in the DP arm and its control, not elsewhere
-    # the smoke run's tiny width wins over the DP recipe's; the rest of the recipe is the DP arm's
-    assert report["dp_settings"] == {**realdata.parse_overrides(dp_recipe), "classifier-width": 0.125,
-                                     "classifier-norm": "group"}
+    # the DP recipe (shape descriptors, a trained head) in the DP arm and its control, not elsewhere; it keeps
+    # its own network in the smoke run (whose tiny ResNet the other arms train)
+    assert report["dp_settings"] == {**realdata.parse_overrides(realdata.DP_RECIPE), "classifier-norm": "group"}
     configs = {a: json.loads((out / "runs" / a / "run_config.json").read_text()) for a in arms}
-    assert configs["fedavg-dp8"]["freeze"] == configs[control]["freeze"] == ["encoder"]
-    assert configs["fedavg"]["freeze"] == [] and configs["fedavg-dp8"]["dp-epsilon"] == 8.0
-    # the control trains DP-SGD's GroupNorm network, not FedAvg's BatchNorm one
+    assert configs["fedavg-dp8"]["classifier"] == configs[control]["classifier"] == "shape-descriptors"
+    assert configs["fedavg"]["classifier"] == "resnet10" and configs["fedavg"]["classifier-width"] == 0.125
+    assert configs["fedavg-dp8"]["dp-epsilon"] == 8.0 and configs["fedavg-dp8"]["classifier-feature-norm"] == "layer"
+    # the control trains DP-SGD's network (GroupNorm where there is a norm), not FedAvg's BatchNorm one
     assert configs[control]["classifier-norm"] == "group" and configs["fedavg"]["classifier-norm"] == "batch"
-    assert configs[control]["dp-epsilon"] == 0.0 and configs[control]["lr"] == configs["fedavg-dp8"]["lr"] == 0.01
+    assert configs[control]["dp-epsilon"] == 0.0 and configs[control]["lr"] == configs["fedavg-dp8"]["lr"] == 0.05
     from app.config import parse_run_config
     from tasks import get_task
     fresh = get_task("classification", parse_run_config(
@@ -136,8 +135,8 @@ def test_adrenal_benchmark_end_to_end(tmp_path):
          if not k.startswith("_")}).task_settings()).build_model().state_dict()
     for arm in ("fedavg-dp8", control):
         trained = torch.load(out / "runs" / arm / "final_model.pt", weights_only=True)
-        changed = {k for k, v in trained.items() if not torch.equal(v, fresh[k])}
-        assert changed and all(k.startswith("fc.") for k in changed), changed  # only the head trained
+        assert set(trained) == set(fresh) == {"fc.weight", "fc.bias"}  # the head is all there is to train
+        assert all(not torch.equal(v, fresh[k]) for k, v in trained.items())
     goal = next(g for g in report["goals"] if g.startswith("fedavg-dp8"))
     assert f"same recipe without DP ({control})" in goal
     for arm in arms.values():

@@ -259,7 +259,7 @@ def test_prepare_site_refuses_wrong_datasets(tmp_path, demo_site):
     assert ClassificationTask(TaskSettings(**SMALL), num_classes=3).prepare_site(three).test is not None
 
 
-@pytest.mark.parametrize("classifier,width", [("resnet10", 0.125), ("densenet121", 1.0)])
+@pytest.mark.parametrize("classifier,width", [("resnet10", 0.125), ("densenet121", 1.0), ("shape-descriptors", 1.0)])
 def test_feature_norm_feeds_the_head_standardised_features(classifier, width):
     settings = dict(classifier=classifier, classifier_width=width, classifier_norm="group")
     plain = ClassificationTask(TaskSettings(**settings), **({"architecture": TINY_NET} if classifier == "densenet121" else {}))

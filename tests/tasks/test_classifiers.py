@@ -19,7 +19,7 @@ def _params(model: nn.Module) -> int:
 
 
 def test_config_and_task_offer_the_same_networks():
-    assert CONFIG_CLASSIFIERS == CLASSIFIERS == ("densenet121", "resnet10", "resnet18", "resnet34")
+    assert CONFIG_CLASSIFIERS == CLASSIFIERS == ("densenet121", "resnet10", "resnet18", "resnet34", "shape-descriptors")
 
 
 def test_run_config_selects_the_network_and_its_size():
