@@ -12,7 +12,7 @@ sample), each strategy through the real ServerApp/ClientApp code on an in-proces
 (``bench.local_grid``), or a personalization arm of ``bench.strategies`` (``ditto``, ``finetune``,
 ``fedbn-ditto``, ``fedbn-finetune``: each site's ``personal-<metric>`` beside the global model's),
 and for adrenal ``fedavg-dp<eps>`` (every site with DP-SGD at that budget; its own recipe, ``DP_RECIPE``, or
-``--dp-run-config``, and the arm ``fedavg-dp-recipe-without-dp`` runs that recipe without DP: what DP-SGD
+``--dp-run-config``, and the arm ``fedavg-dp-recipe-without-dp`` runs that recipe without DP (none with ``''``): what DP-SGD
 itself costs, apart from the recipe).
 Every arm keeps ``DIR/runs/<arm>/`` with ``run_config.json`` and ``final_model.pt`` (what
 ``fedimaging predict --model`` takes). Writes ``DIR/realdata.json`` and ``DIR/realdata.md``.

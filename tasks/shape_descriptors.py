@@ -49,7 +49,7 @@ class ShapeDescriptors(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
-        dtype = x.dtype if x.is_floating_point() else torch.float32
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32  # eigvalsh: no half
         mask = (x.reshape(b * c, 1, *x.shape[2:]) > FOREGROUND).to(dtype)
         return self._describe(mask).reshape(b, c * DESCRIPTORS_PER_CHANNEL)
 
@@ -94,4 +94,4 @@ class ShapeDescriptorClassifier(nn.Module):
         self.fc = nn.Linear(in_channels * DESCRIPTORS_PER_CHANNEL, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.descriptors(x))
+        return self.fc(self.descriptors(x).to(self.fc.weight.dtype))

@@ -107,7 +107,7 @@ def _quick_adrenal(tmp_path: Path, n_train: int, n_val: int, *args: str) -> Path
     return out
 
 
-@pytest.mark.slow  # about 20 s: four arms (one with DP-SGD), one round each, tiny ResNet and shape descriptors
+@pytest.mark.slow  # about 20 s: five arms (one with DP-SGD), one round each, tiny ResNet and shape descriptors
 def test_adrenal_benchmark_end_to_end(tmp_path):
     out = _quick_adrenal(tmp_path, 16, 8, "--local-sites", "1", "--dp-epsilon", "8")  # the default DP recipe
     report = json.loads((out / "realdata.json").read_text())

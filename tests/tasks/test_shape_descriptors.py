@@ -23,10 +23,12 @@ def _box(shape=(20, 20, 20), start=(3, 4, 5), size=(9, 7, 11)) -> torch.Tensor:
     return mask
 
 
-def test_a_box_gets_its_exact_volume_surface_moments_and_erosions():
+@pytest.mark.parametrize("start", [(3, 4, 5), (0, 13, 9)])  # inside; flush with three faces of the field
+def test_a_box_gets_its_exact_volume_surface_moments_and_erosions(start):
+    """Outside the field is background: a box on its edge keeps its edge faces and erodes from there too."""
     a, b, c = 9, 7, 11
     sx, sy, sz = SPACING
-    got = ShapeDescriptors(SPACING)(_box(size=(a, b, c)))[0].double().numpy()
+    got = ShapeDescriptors(SPACING)(_box(start=start, size=(a, b, c)))[0].double().numpy()
     volume = a * b * c * sx * sy * sz
     area = 2 * (b * c * sy * sz + a * c * sx * sz + a * b * sx * sy)
     # the variance of a uniform grid 0..n-1 with step s is s^2 (n^2 - 1) / 12
@@ -39,6 +41,26 @@ def test_a_box_gets_its_exact_volume_surface_moments_and_erosions():
     ]
     assert got.shape == (DESCRIPTORS_PER_CHANNEL,)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def _eroded_volumes(mask: np.ndarray, times: int) -> list[int]:
+    """Six-neighbourhood erosions in numpy (a voxel stays where it and its six face neighbours are set)."""
+    volumes, current = [], mask.astype(bool)
+    for _ in range(times):
+        p = np.pad(current, 1)
+        current = (p[1:-1, 1:-1, 1:-1] & p[:-2, 1:-1, 1:-1] & p[2:, 1:-1, 1:-1] & p[1:-1, :-2, 1:-1]
+                   & p[1:-1, 2:, 1:-1] & p[1:-1, 1:-1, :-2] & p[1:-1, 1:-1, 2:])
+        volumes.append(int(current.sum()))
+    return volumes
+
+
+def test_erosions_are_six_connected_on_a_ball_cut_by_the_field():
+    grid = np.stack(np.meshgrid(*[np.arange(24.0)] * 3, indexing="ij"))
+    ball = (((grid - np.array([11.0, 11.0, 2.0])[:, None, None, None]) ** 2).sum(0) <= 8 ** 2)  # cut at z = 0
+    got = ShapeDescriptors()(torch.from_numpy(ball.astype(np.float32))[None, None])[0, 9:].double().numpy()
+    expected = _eroded_volumes(ball, 4)
+    assert expected[0] > 0 and expected[-1] > 0
+    np.testing.assert_allclose(got, np.log1p(expected), rtol=1e-6)  # a cube (26-neighbour) erosion removes more
 
 
 def test_a_ball_is_round_and_a_rod_is_elongated():
