@@ -5,7 +5,8 @@ models), the cases from :mod:`app.predict_input` (NIfTI, or a DICOM series conve
 code as ``fedimaging prep``). Segmentation writes a uint8 label map on the input's own grid: the
 spatial preprocessing (RAS reorientation, resampling) is inverted with MONAI's ``Invertd`` using
 nearest-neighbour interpolation, and the file gets the input's affine and shape. Classification
-writes a JSON file with class probabilities.
+writes a JSON file with class probabilities (and ``warnings`` where the input cannot mean
+anything to the model: an empty mask for ``shape-descriptors``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def predict_classification(
     if not hasattr(task, "predict_proba") or not hasattr(task, "inference_transform"):
         raise PredictError("the classification task offers no inference API (predict_proba/inference_transform)")
     image = task.inference_transform(modality)({"image": case.image_item})["image"]
+    warnings = _empty_mask_warnings(loaded.model, image)
     probs = task.predict_proba(loaded.model, image[None].to(loaded.device))[0].detach().cpu().numpy()
     if not np.all(np.isfinite(probs)):
         raise PredictError(f"{case.name}: the model produced non-finite probabilities (damaged weights?)")
@@ -97,7 +99,19 @@ def predict_classification(
         "predicted": str(names[int(np.argmax(probs))]),
         "run": loaded.run_dir.name,
         "model": loaded.model_path.name,
+        **({"warnings": warnings} if warnings else {}),
     }
+
+
+def _empty_mask_warnings(model: torch.nn.Module, image: torch.Tensor) -> list[str]:
+    """``classifier=shape-descriptors`` describes a mask: a channel with no voxel above 0.5 gives it nothing."""
+    from tasks.shape_descriptors import FOREGROUND, ShapeDescriptorClassifier, empty_channels
+
+    if not isinstance(model, ShapeDescriptorClassifier):
+        return []
+    return [f"channel {k} has no foreground (no voxel above {FOREGROUND} after normalisation): its shape "
+            "descriptors are all 0, so the probabilities are the model's bias alone; is the input a mask, "
+            "and is --modality right?" for k in empty_channels(image)]
 
 
 def _run_channel_names(loaded: LoadedModel):
@@ -199,7 +213,10 @@ def predict_main(argv: list[str] | None = None) -> int:
                     raise PredictError(f"{target} exists; pass --force to overwrite")
                 if task == "classification":
                     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-                    atomic_write_json(target, predict_classification(loaded, case, args.modality, names))
+                    result = predict_classification(loaded, case, args.modality, names)
+                    for warning in result.get("warnings", []):
+                        bar.write(f"warning: {path}: {warning}", file=sys.stderr)
+                    atomic_write_json(target, result)
                 else:
                     write_mask(target, predict_segmentation(loaded, case, args.modality))
                 written.add(target)

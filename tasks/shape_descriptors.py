@@ -37,6 +37,11 @@ def _cross() -> torch.Tensor:
     return kernel
 
 
+def empty_channels(image: torch.Tensor) -> list[int]:
+    """The channels of one (C, X, Y, Z) normalised image with no foreground: their descriptors are all 0."""
+    return [k for k in range(image.shape[0]) if not bool((image[k] > FOREGROUND).any())]
+
+
 class ShapeDescriptors(nn.Module):
     """(B, C, X, Y, Z) images -> (B, C * 13) shape descriptors of each channel's foreground. No parameters."""
 

@@ -220,3 +220,27 @@ def test_classification_writes_class_probabilities(tmp_path, ct_case):
     image = loaded.task.inference_transform("CT")({"image": str(ct_case)})["image"]
     expected = loaded.task.predict_proba(loaded.model, image[None])[0].numpy()
     np.testing.assert_allclose([probs["no-lesion"], probs["lesion"]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shape_descriptors_warn_about_an_empty_mask_and_predict_from_a_box(tmp_path, capsys):
+    run = tmp_path / "run-shape"
+    write_run_config(run, task="classification", classifier="shape-descriptors", **{"ct-window": "0,255",
+                     "spacing": "2,2,2", "classification-size": "16,16,16"})
+    save_random_model(run)
+    box, empty = np.zeros((16, 16, 16), np.uint8), np.zeros((16, 16, 16), np.uint8)
+    box[4:12, 5:11, 3:13] = 255
+    inputs = []
+    for name, volume in (("box", box), ("empty", empty)):
+        inputs.append(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), str(inputs[-1]))
+    out = tmp_path / "pred"
+    assert predict_main(["--model", str(run / "final_model.pt"), "--input", *map(str, inputs), "--output", str(out),
+                         "--device", "cpu", "--modality", "CT", "--quiet"]) == 0
+    results = {p.name.split("_")[0]: json.loads(p.read_text()) for p in out.glob("*_pred.json")}
+    assert "warnings" not in results["box"]
+    assert len(results["empty"]["warnings"]) == 1 and "channel 0 has no foreground" in results["empty"]["warnings"][0]
+    assert "warning:" in capsys.readouterr().err
+    head = torch.load(run / "final_model.pt", weights_only=True)
+    bias_only = torch.softmax(head["fc.bias"].double(), 0).numpy()  # zero descriptors: the bias alone
+    np.testing.assert_allclose(list(results["empty"]["probabilities"].values()), bias_only, rtol=1e-5)
+    assert not np.allclose(list(results["box"]["probabilities"].values()), bias_only, rtol=1e-3)
