@@ -106,15 +106,17 @@ def goals(report: dict) -> list[str]:
                 out.append(_personal_goal(name, arms))
     else:
         fedavg = arms.get("fedavg", {}).get("held_out", {}).get("auc")
-        out.append(f"FedAvg held-out AUC {_f(fedavg)} (goal >= 0.83 with 10 sites; MedMNIST v2 centralised 3D "
-                   f"ResNets 0.827-0.839 on the official test split): {met(fedavg is not None and fedavg >= 0.83)}")
+        if "fedavg" in arms:  # a run without the arm (--strategies) measures nothing against this goal
+            out.append(f"FedAvg held-out AUC {_f(fedavg)} (goal >= 0.83 with 10 sites; MedMNIST v2 centralised 3D "
+                       f"ResNets 0.827-0.839 on the official test split): {met(fedavg is not None and fedavg >= 0.83)}")
         dp = [a for a in arms if a.startswith("fedavg-dp") and a != DP_CONTROL]
         for name in dp:
             auc = arms[name]["held_out"].get("auc")
             drop = _drop(fedavg, auc)
-            line = (f"{name}: relative AUC drop vs FedAvg without DP {_f(None if drop is None else 100 * drop, 1)} % "
-                    f"(goal <= 5 %): {met(drop is not None and drop <= 0.05)}; epsilon spent (max over sites) "
-                    f"{_f(arms[name].get('dp_epsilon_spent_max'), 2)}")
+            against = (f"relative AUC drop vs FedAvg without DP {_f(None if drop is None else 100 * drop, 1)} % "
+                       f"(goal <= 5 %): {met(drop is not None and drop <= 0.05)}" if "fedavg" in arms else
+                       f"AUC {_f(auc)}; the drop vs FedAvg without DP (goal <= 5 %) is not measured: no fedavg arm")
+            line = f"{name}: {against}; epsilon spent (max over sites) {_f(arms[name].get('dp_epsilon_spent_max'), 2)}"
             if DP_CONTROL in arms:  # the DP arm's own recipe without DP: what DP-SGD itself costs
                 control = arms[DP_CONTROL]["held_out"].get("auc")
                 same = _drop(control, auc)

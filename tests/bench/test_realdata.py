@@ -265,6 +265,22 @@ def test_skip_leaves_out_the_pooled_and_local_arms_and_refuses_unknown_names(tmp
         assert not (tmp_path / "x").exists()
 
 
+def test_adrenal_goals_judge_only_the_arms_that_ran():
+    from bench.realdata_report import goals
+
+    def arm(auc):
+        return {"held_out": {"auc": auc}, "sites": {}, "seconds": 1.0, "dp_epsilon_spent_max": 8.0}
+
+    base = {"benchmark": "adrenal", "setup_seconds": 0.0, "process_peak_rss_mb": 900.0, "sites": 10}
+    without_fedavg = goals({**base, "arms": {"pooled": arm(0.86), "fedavg-dp8": arm(0.80)}})
+    assert not any(g.startswith("FedAvg held-out AUC") for g in without_fedavg)  # not "not met": not run
+    assert "fedavg-dp8: AUC 0.800; the drop vs FedAvg without DP (goal <= 5 %) is not measured" in without_fedavg[0]
+    with_fedavg = goals({**base, "arms": {"fedavg": arm(0.84), "fedavg-dp8": arm(0.80)}})
+    assert with_fedavg[0].endswith(": met") and with_fedavg[0].startswith("FedAvg held-out AUC 0.840")
+    drop = 100 * (0.84 - 0.80) / 0.84  # 4.8 %
+    assert with_fedavg[1].startswith(f"fedavg-dp8: relative AUC drop vs FedAvg without DP {drop:.1f} % (goal <= 5 %): met")
+
+
 def test_dp_run_config_is_refused_for_the_hippocampus_benchmark(tmp_path, capsys):
     with pytest.raises(SystemExit):
         realdata.main(["hippocampus", "--data", str(tmp_path), "--out", str(tmp_path / "x"), "--dp-run-config", "lr=1"])
