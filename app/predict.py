@@ -85,7 +85,8 @@ def predict_classification(
     if not hasattr(task, "predict_proba") or not hasattr(task, "inference_transform"):
         raise PredictError("the classification task offers no inference API (predict_proba/inference_transform)")
     image = task.inference_transform(modality)({"image": case.image_item})["image"]
-    warnings = _empty_mask_warnings(loaded.model, image)
+    # a model may say why this input means nothing to it (shape-descriptors: an empty mask)
+    warnings = loaded.model.input_warnings(image) if hasattr(loaded.model, "input_warnings") else []
     probs = task.predict_proba(loaded.model, image[None].to(loaded.device))[0].detach().cpu().numpy()
     if not np.all(np.isfinite(probs)):
         raise PredictError(f"{case.name}: the model produced non-finite probabilities (damaged weights?)")
@@ -101,17 +102,6 @@ def predict_classification(
         "model": loaded.model_path.name,
         **({"warnings": warnings} if warnings else {}),
     }
-
-
-def _empty_mask_warnings(model: torch.nn.Module, image: torch.Tensor) -> list[str]:
-    """``classifier=shape-descriptors`` describes a mask: a channel with no voxel above 0.5 gives it nothing."""
-    from tasks.shape_descriptors import FOREGROUND, ShapeDescriptorClassifier, empty_channels
-
-    if not isinstance(model, ShapeDescriptorClassifier):
-        return []
-    return [f"channel {k} has no foreground (no voxel above {FOREGROUND} after normalisation): its shape "
-            "descriptors are all 0, so the probabilities are the model's bias alone; is the input a mask, "
-            "and is --modality right?" for k in empty_channels(image)]
 
 
 def _run_channel_names(loaded: LoadedModel):

@@ -100,3 +100,9 @@ class ShapeDescriptorClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.descriptors(x).to(self.fc.weight.dtype))
+
+    def input_warnings(self, image: torch.Tensor) -> list[str]:
+        """For ``fedimaging predict``: each channel of one (C, X, Y, Z) image that gives the model nothing."""
+        return [f"channel {k} has no foreground (no voxel above {FOREGROUND} after normalisation): its shape "
+                "descriptors are all 0, so the probabilities are the model's bias alone; is the input a mask, "
+                "and is --modality right?" for k in empty_channels(image)]
